@@ -1,0 +1,341 @@
+"""Typed configuration: one dataclass per component, composed into :class:`DIGConfig`.
+
+Configs are filled from YAML files in ``configs/`` and changed with dotted overrides
+(``data.batch_size=1024``). An unknown key or a value of the wrong type raises
+:class:`ConfigError`, which names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+from dig_torchrec.errors import ConfigError  # noqa: E402  (re-exported)
+
+
+@dataclass
+class DataConfig:
+    """Where the exposure logs live and how batches are made."""
+
+    path: str = "data/tiny"  # dataset root: meta.json, items.parquet, train/ valid/ test/
+    batch_size: int = 512
+    eval_batch_size: int = 2048
+    history_length: int = 20  # must be <= the dataset's stored history length
+    shuffle_buffer: int = 4096  # rows; 0 disables shuffling
+    num_workers: int = 0  # DataLoader workers per rank
+    negatives_per_positive: int = 4  # full-corpus random negatives per click (paper §4.1)
+    retrieval_positives: int = 0  # click slots per batch in the retrieval rows; 0: batch_size // 2
+    negative_sampling: str = "uniform"  # uniform | popularity
+    popularity_alpha: float = 0.75  # popularity-smoothed draw: p(v) ~ count(v)^alpha
+    hash_ids: bool = False  # hash ids beyond the table size instead of erroring
+    seed: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    """VQ encoder (Eq. 1) and residual quantizer (Eq. 2-4)."""
+
+    num_layers: int = 4  # L
+    num_codes: int = 256  # K
+    encoder_layers: int = 4  # Transformer layers of the VQ encoder
+    encoder_heads: int = 4
+    include_item_id: bool = True  # item id is one of the encoder's fields (keeps twins apart)
+    ema_decay: float = 0.99  # alpha in c <- alpha c + (1 - alpha) e_bar
+    laplace_epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes
+    dead_code_threshold: float = 0.03  # EMA count below which a code is restarted
+    restart_dead_codes: bool = True
+    init_after_steps: int = 0  # rank-path warm-up steps before balanced k-means init
+    init_kmeans_iters: int = 10
+    frozen: bool = False  # Fixed SID ablation: keep the balanced-tree SIDs, no EMA
+    collision_resolution: str = "last_layer"  # last_layer | none
+
+
+@dataclass
+class U2TConfig:
+    """Type-III features on the recall path (Eq. 13-15)."""
+
+    train_side: bool = True  # feed the Eq. 13 batch teacher to the recall path in training
+    inference: str = "mlp"  # mlp | stat_mean | none
+    grouping: str = "bucket"  # bucket | user_bucket (Eq. 13 grouping)
+    hidden_dim: int = 64  # MLP_u2t hidden size (Eq. 14)
+
+
+@dataclass
+class ModelConfig:
+    """DIN + DCNv2 + MoE ranker (the Mixer) and embedding sizes."""
+
+    embedding_dim: int = 64  # d
+    din_hidden: List[int] = field(default_factory=lambda: [64, 32])
+    cross_layers: int = 3
+    cross_low_rank: int = 0  # 0: full-rank CrossNet, >0: LowRankCrossNet rank
+    num_experts: int = 4
+    expert_hidden: List[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Eq. 8: L = L_rank + w_recall L_recall + l1 L_commit + l2 L_sem + l3 L_u2t."""
+
+    recall_loss_weight: float = 1.0  # 0 gives the rank-only Base
+    commit_weight: float = 0.25  # lambda_1
+    sem_weight: float = 0.1  # lambda_2
+    u2t_weight: float = 0.1  # lambda_3
+    recall_supervision: str = "all_layers"  # all_layers | last_layer
+    recall_samples: str = "retrieval"  # retrieval | exposure
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs
+    lr: float = 1e-3  # dense Adam (paper §4.1)
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adam | sgd
+    sparse_lr: float = 0.05
+    grad_clip: float = 0.0  # 0 disables
+    warmup_steps: int = 0
+    log_every: int = 50
+    val_every: int = 0  # 0: validate at the end of each epoch
+    val_max_batches: int = 0  # 0: the whole valid split
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_latest_k: int = 3
+    seed: int = 0
+    deterministic: bool = False
+    nan_policy: str = "error"  # error | skip
+    device: str = "auto"  # auto | cpu | cuda
+    min_free_disk_mb: int = 512  # checked before training starts
+
+
+@dataclass
+class ShardingConfig:
+    """Planner constraints. Per-table sharding types override the device defaults."""
+
+    compute_kernel: str = "fused"  # fused | dense
+    # table name -> allowed sharding types, e.g. {"user_id": ["table_wise"]}
+    constraints: Dict[str, List[str]] = field(default_factory=dict)
+    # device defaults; pinned so a table is never data-parallel in one plan and sharded in another
+    cpu_sharding_types: List[str] = field(default_factory=lambda: ["table_wise"])
+    cuda_sharding_types: List[str] = field(default_factory=lambda: ["row_wise", "table_wise"])
+
+
+@dataclass
+class EvalConfig:
+    beam_size: int = 64
+    topk: List[int] = field(default_factory=lambda: [10, 50, 100])
+    unified_top_n: int = 100  # beam candidates reranked by the rank path
+    exclude_history: bool = False
+    max_users: int = 0  # 0: all retrieval targets
+    user_batch_size: int = 64
+
+
+@dataclass
+class DIGConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    u2t: U2TConfig = field(default_factory=U2TConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = "runs/default"  # alias of train.run_dir kept in sync by load_config
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.negative_sampling": ("uniform", "popularity"),
+    "tokenizer.collision_resolution": ("last_layer", "none"),
+    "u2t.inference": ("mlp", "stat_mean", "none"),
+    "u2t.grouping": ("bucket", "user_bucket"),
+    "loss.recall_supervision": ("all_layers", "last_layer"),
+    "loss.recall_samples": ("retrieval", "exposure"),
+    "train.sparse_optimizer": ("rowwise_adagrad", "adam", "sgd"),
+    "train.nan_policy": ("error", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "sharding.compute_kernel": ("fused", "dense"),
+}
+_POSITIVE = (
+    "data.batch_size",
+    "data.eval_batch_size",
+    "tokenizer.num_layers",
+    "tokenizer.num_codes",
+    "model.embedding_dim",
+    "eval.beam_size",
+    "train.keep_latest_k",
+    "tokenizer.encoder_heads",
+)
+_NON_NEGATIVE = (
+    "data.history_length",
+    "data.num_workers",
+    "data.negatives_per_positive",
+    "train.max_steps",
+    "train.epochs",
+    "loss.recall_loss_weight",
+    "loss.commit_weight",
+    "loss.sem_weight",
+    "loss.u2t_weight",
+    "tokenizer.init_after_steps",
+)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin in (list, List, Sequence):
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} ({value!r})")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__} ({value!r})")
+        return {_coerce(f"{key}.<key>", k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected bool, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected int, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected float, got {type(value).__name__} ({value!r})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected str, got {type(value).__name__} ({value!r})")
+        return value
+    return value
+
+
+def _apply(obj: Any, values: Dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key '{key}'; valid keys under '{prefix.rstrip('.') or '<root>'}' are: {', '.join(names)}"
+            )
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}': expected a mapping of {', '.join(f.name for f in dataclasses.fields(cur))}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def _dotted_to_nested(key: str, value: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``a.b=c`` -> ``{"a": {"b": <yaml value of c>}}``."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. data.batch_size=1024)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse value: {e}") from e
+    return _dotted_to_nested(key, value)
+
+
+def validate(cfg: DIGConfig) -> None:
+    """Impossible values: raise naming the key."""
+    flat = flatten(cfg.to_dict())
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be > 0")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be >= 0")
+    if not 0.0 < cfg.tokenizer.ema_decay < 1.0:
+        raise ConfigError(f"config key 'tokenizer.ema_decay' = {cfg.tokenizer.ema_decay}; must be in (0, 1)")
+    if cfg.model.embedding_dim % cfg.tokenizer.encoder_heads:
+        raise ConfigError(
+            f"config key 'tokenizer.encoder_heads' = {cfg.tokenizer.encoder_heads} must divide "
+            f"'model.embedding_dim' = {cfg.model.embedding_dim}"
+        )
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("constraints",):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DIGConfig:
+    """Build a :class:`DIGConfig` from an optional YAML file plus dotted overrides."""
+    cfg = DIGConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        _apply(cfg, data)
+    for o in overrides:
+        _apply(cfg, parse_override(o))
+    # run_dir is settable at the root (run_dir=/x) or as train.run_dir; the root wins if set.
+    if cfg.run_dir != DIGConfig.run_dir:
+        cfg.train.run_dir = cfg.run_dir
+    else:
+        cfg.run_dir = cfg.train.run_dir
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: Dict[str, Any]) -> DIGConfig:
+    """Rebuild a config saved with :meth:`DIGConfig.to_dict` (e.g. beside a checkpoint)."""
+    cfg = DIGConfig()
+    _apply(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: DIGConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
