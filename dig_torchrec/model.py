@@ -1,0 +1,479 @@
+"""The DIG model (paper §3): a DIN+DCNv2+MoE ranker with an embedded RQ tokenizer.
+
+One forward pass on a :class:`DIGBatch` computes
+
+* the rank path (Eq. 6) on the B exposure rows;
+* the recall path (Eq. 7) for every layer l = 1..L in ONE batched Mixer call, on the
+  retrieval rows (``loss.recall_samples=retrieval``) or the exposure rows (``=exposure``);
+* the five-part loss of Eq. 8:
+  ``L = L_rank + w_recall L_recall + l1 L_commit + l2 L_sem + l3 L_u2t``.
+
+Embeddings. ``embedding_bags`` is the single EmbeddingBagCollection over every batch
+feature (tables named by column; ``hist_*`` read ``item_id``), called once per step on
+``batch.sparse_features`` so ``TrainPipelineSparseDist`` can pipeline it.
+``sid_embedding_bags`` holds the SID embeddings: table ``sid`` with L*K rows (layer-offset
+ids ``(l-1)*K + s_l``), width F_enc*d (per-field SID embeddings, reshaped to
+``[F_enc, d]``), and features ``sid_prefix_l`` = the bag of the first l tokens, so its
+sum pooling is Eq. 5's e_sid^(1:l) directly.
+
+Gradient flow (tested in ``tests/test_model_gradients.py``):
+
+* codebooks: buffers, EMA only;
+* encoder: L_rank (through e_v on the rank path), L_commit, L_sem;
+* SID embeddings: L_recall and L_u2t, never L_rank;
+* the recall path sees the target only through SID embeddings and u2t (argmin blocks e_v).
+
+Before :meth:`DIGModel.initialize_tokenizer` (the ``tokenizer.init_after_steps`` rank-path
+warm-up) the recall/commit/sem/u2t terms are computed but weighted 0, so every
+parameter is in the graph on every step (DDP's ``static_graph`` needs that).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dig_torchrec.config import DIGConfig
+from dig_torchrec.data.batch import DIGBatch, make_kjt
+from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchema
+from dig_torchrec.errors import ConfigError
+from dig_torchrec.modules.mixer import Mixer
+from dig_torchrec.modules.tokenizer import DIGTokenizer
+from dig_torchrec.modules.u2t import U2TMLP, U2TStatTable, u2t_teacher
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dig_torchrec.data.items import ItemTable
+
+logger = logging.getLogger(__name__)
+
+SID_TABLE = "sid"
+LOSS_KEYS = ("total", "rank", "recall", "commit", "sem", "u2t")
+
+
+def sid_prefix_key(layer: int) -> str:
+    """KJT key of the bag s_1..s_l (1-based ``layer``)."""
+    return f"sid_prefix_{layer}"
+
+
+@dataclass
+class UserContext:
+    """Request-level (Type-II) inputs, computed once per user for inference.
+
+    Attributes:
+        user_embedding: ``[U, F_u*d]`` e_u (user_id + user + context field embeddings).
+        user_normalized: ``[U, F_u*d]`` BN_u(e_u) (eval-mode BN).
+        history_keys: ``[U, H, d]`` item_id embeddings of the history (DIN keys).
+        history_mask: ``[U, H]`` True where a history position holds a click.
+    """
+
+    user_embedding: torch.Tensor
+    user_normalized: torch.Tensor
+    history_keys: torch.Tensor
+    history_mask: torch.Tensor
+
+    @property
+    def num_users(self) -> int:
+        return int(self.user_embedding.shape[0])
+
+    def select(self, index: torch.Tensor) -> "UserContext":
+        """Rows ``index`` of every field."""
+        return UserContext(
+            self.user_embedding[index], self.user_normalized[index], self.history_keys[index], self.history_mask[index]
+        )
+
+
+@dataclass
+class DIGOutput:
+    """Detached outputs of one forward pass (what the trainer logs and evaluates).
+
+    Attributes:
+        losses: ``total, rank, recall, commit, sem, u2t`` (unweighted terms; ``total`` is Eq. 8).
+        rank_logits: ``[B]`` rank path (Eq. 6) on the exposure rows.
+        labels: ``[B]``.
+        weights: ``[B]`` (0 = padding).
+        recall_logits: ``[L, N]`` recall path (Eq. 7) per layer.
+        recall_labels: ``[N]``.
+        recall_weights: ``[N]``.
+        tokenizer_metrics: per-layer ``utilization_l{l}``, ``perplexity_l{l}``,
+            ``dead_restarts_l{l}``, and ``collision_rate``, ``init_collision_rate``.
+    """
+
+    losses: Dict[str, torch.Tensor]
+    rank_logits: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    recall_logits: torch.Tensor
+    recall_labels: torch.Tensor
+    recall_weights: torch.Tensor
+    tokenizer_metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 9/10 BCE averaged over the real rows (weights mask padding)."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    return (loss * weights).sum(-1) / weights.sum().clamp_min(1.0)
+
+
+@torch.fx.wrap
+def _forward_from_pooled(
+    model: "DIGModel", batch: DIGBatch, pooled: KeyedTensor
+) -> Tuple[torch.Tensor, DIGOutput]:
+    """Everything after the ``embedding_bags`` call; a leaf for ``torch.fx`` tracing."""
+    parts = model.forward_parts(batch, pooled)
+    return parts["total"], parts["output"]
+
+
+class DIGModel(nn.Module):
+    """DIN + DCNv2 + MoE ranker with the embedded DIG tokenizer.
+
+    Args:
+        cfg: the full config (model, tokenizer, u2t, loss and data.history_length are used).
+        meta: dataset metadata (cardinalities, d_c, catalog size).
+        device: parameter device; ``"meta"`` builds an unmaterialised model for DMP.
+    """
+
+    def __init__(self, cfg: DIGConfig, meta: DatasetMeta, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.meta = meta
+        self.schema = FeatureSchema.from_meta(meta, cfg.data.history_length)
+        device = torch.device(device)
+        d = cfg.model.embedding_dim
+        tok = cfg.tokenizer
+        self.embedding_dim = d
+        self.num_layers = tok.num_layers
+        self.num_codes = tok.num_codes
+        self.u2i_dim = meta.u2i_dim
+        self.user_keys: List[str] = [*self.schema.user_features, *self.schema.context_features]
+        self.encoder_keys: List[str] = (
+            list(self.schema.item_features) if tok.include_item_id else list(self.schema.item_features[1:])
+        )
+        if not self.encoder_keys:
+            raise ConfigError(
+                "tokenizer.include_item_id=false but the dataset has no item feature besides item_id: "
+                "the VQ encoder would have no input field"
+            )
+        self.history_keys: List[str] = self.schema.history_keys
+        num_fields = len(self.encoder_keys)
+        self.num_encoder_fields = num_fields
+        user_dim = len(self.user_keys) * d
+        target_dim = num_fields * d
+
+        # --- embeddings (TorchRec, shardable) ---
+        r = cfg.model.embedding_init_range
+        init = {"weight_init_min": -r, "weight_init_max": r} if r > 0 else {}
+        tables = []
+        for name in [*self.user_keys, *self.schema.item_features]:
+            features = [name, *self.history_keys] if name == ITEM_ID else [name]
+            tables.append(EmbeddingBagConfig(
+                name=name, embedding_dim=d, num_embeddings=self.schema.cardinality[name],
+                feature_names=features, pooling=PoolingType.SUM, **init,
+            ))
+        self.embedding_bags = EmbeddingBagCollection(tables=tables, device=device)
+        self.sid_embedding_bags = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(
+                name=SID_TABLE, embedding_dim=target_dim, num_embeddings=tok.num_layers * tok.num_codes,
+                feature_names=[sid_prefix_key(l) for l in range(1, tok.num_layers + 1)], pooling=PoolingType.SUM,
+                **init,
+            )],
+            device=device,
+        )
+        self._all_keys: List[str] = self.schema.keys
+
+        # --- tokenizer (Eq. 1-4) ---
+        self.tokenizer = DIGTokenizer(tok, num_fields, d, meta.num_items, device=device)
+
+        # --- BNs: BN_u shared, the rest path-specific (Eq. 6/7) ---
+        self.bn_u = nn.BatchNorm1d(user_dim, device=device)
+        self.bn_v = nn.BatchNorm1d(target_dim, device=device)
+        self.bn_u2i = nn.BatchNorm1d(meta.u2i_dim, device=device)
+        self.bn_sid = nn.BatchNorm1d(target_dim, device=device)
+        self.bn_u2t = nn.BatchNorm1d(meta.u2i_dim, device=device)
+
+        # --- shared Mixer and u2t ---
+        self.mixer = Mixer(user_dim, target_dim, meta.u2i_dim, d, cfg.model, device=device)
+        self.u2t_mlp = U2TMLP(tok.num_layers, user_dim + target_dim, cfg.u2t.hidden_dim, meta.u2i_dim, device=device)
+        self.u2t_stats = U2TStatTable(tok.num_layers, tok.num_codes, meta.u2i_dim, device=device)
+
+    # ================================================================== helpers
+    def _complete_kjt(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Add empty bags for every schema key missing from ``kjt`` (in schema key order)."""
+        keys = kjt.keys()
+        if keys == self._all_keys:
+            return kjt
+        stride = kjt.stride()
+        present = kjt.to_dict()
+        values, lengths = [], []
+        for key in self._all_keys:
+            if key in present:
+                jt = present[key]
+                values.append(jt.values())
+                lengths.append(jt.lengths())
+            else:
+                values.append(torch.empty(0, dtype=torch.long, device=kjt.device()))
+                lengths.append(torch.zeros(stride, dtype=torch.int32, device=kjt.device()))
+        return make_kjt(self._all_keys, values, lengths)
+
+    def _embed(self, kjt: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+        """The one ``embedding_bags`` call: pooled ``[rows, d]`` per feature key."""
+        return self.embedding_bags(kjt).to_dict()
+
+    def _history_mask(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """``[rows, H]`` True where hist_j has a click (bag length > 0)."""
+        if not self.history_keys:
+            return torch.zeros(kjt.stride(), 0, dtype=torch.bool, device=kjt.device())
+        lengths = kjt.lengths().view(len(kjt.keys()), -1)
+        idx = [kjt.keys().index(k) for k in self.history_keys]
+        return lengths[idx].t() > 0
+
+    def _sid_prefix_embeddings(self, sids: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 for every layer: ``sids [N, L]`` -> e_sid^(1:l) ``[L, N, F_enc*d]``."""
+        n, num_layers = sids.shape
+        offsets = torch.arange(num_layers, device=sids.device) * self.num_codes
+        ids = sids + offsets[None]
+        keys = [sid_prefix_key(l) for l in range(1, num_layers + 1)]
+        values = [ids[:, :l].reshape(-1) for l in range(1, num_layers + 1)]
+        lengths = [torch.full((n,), l, dtype=torch.int32, device=sids.device) for l in range(1, num_layers + 1)]
+        pooled = self.sid_embedding_bags(make_kjt(keys, values, lengths)).to_dict()
+        return torch.stack([pooled[k] for k in keys], 0)
+
+    def _sid_prefix_embedding_at(self, sid_prefix: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 at one depth: ``sid_prefix [N, l]`` -> e_sid^(1:l) ``[N, F_enc*d]``."""
+        n, depth = sid_prefix.shape
+        offsets = torch.arange(depth, device=sid_prefix.device) * self.num_codes
+        keys = [sid_prefix_key(l) for l in range(1, self.num_layers + 1)]
+        values, lengths = [], []
+        for l in range(1, self.num_layers + 1):
+            if l == depth:
+                values.append((sid_prefix + offsets[None]).reshape(-1))
+                lengths.append(torch.full((n,), depth, dtype=torch.int32, device=sid_prefix.device))
+            else:
+                values.append(torch.empty(0, dtype=torch.long, device=sid_prefix.device))
+                lengths.append(torch.zeros(n, dtype=torch.int32, device=sid_prefix.device))
+        return self.sid_embedding_bags(make_kjt(keys, values, lengths)).to_dict()[sid_prefix_key(depth)]
+
+    def _loss_gate(self) -> float:
+        """1 once the tokenizer is initialised, 0 during the rank-path warm-up."""
+        return 1.0 if self.tokenizer.is_initialized else 0.0
+
+    # ================================================================== forward
+    def forward(self, batch: DIGBatch) -> Tuple[torch.Tensor, DIGOutput]:
+        """One step: ``(total loss, DIGOutput)`` as ``TrainPipelineSparseDist`` expects.
+
+        The ``embedding_bags`` call on ``batch.sparse_features`` is the first statement and
+        the rest runs in an ``fx``-opaque function, so torchrec's pipeline tracer sees exactly
+        one sharded-module call fed straight from the batch and pipelines its input dist.
+
+        Args:
+            batch: B exposure rows then R retrieval rows in ``sparse_features``.
+        """
+        pooled = self.embedding_bags(batch.sparse_features)  # the one EBC call per step
+        return _forward_from_pooled(self, batch, pooled)
+
+    def forward_parts(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> Dict[str, object]:
+        """:meth:`forward` with the intermediates exposed (for tests and diagnostics).
+
+        Args:
+            batch: the batch.
+            pooled: the ``embedding_bags`` output for ``batch.sparse_features`` (computed if None).
+
+        Returns a dict with the loss terms (graph-attached), ``total``, ``e_v`` ``[B+R, F, d]``,
+        ``e_sid`` ``[L, N, F*d]``, ``u2t_hat``, ``teacher`` ``[L, N, d_c]``, ``sids`` and ``output``.
+        """
+        cfg = self.cfg
+        kjt = batch.sparse_features
+        B, R = batch.batch_size, batch.retrieval_size
+        training = self.training
+        pooled_dict = (pooled if pooled is not None else self.embedding_bags(kjt)).to_dict()
+        e_u = torch.cat([pooled_dict[k] for k in self.user_keys], -1)  # [B+R, F_u*d]
+        item_fields = torch.stack([pooled_dict[k] for k in self.encoder_keys], 1)  # [B+R, F_enc, d]
+        if self.history_keys:
+            hist = torch.stack([pooled_dict[k] for k in self.history_keys], 1)  # [B+R, H, d]
+        else:
+            hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
+        hist_mask = self._history_mask(kjt)
+        item_ids = kjt[ITEM_ID].values()
+        row_weights = torch.cat([batch.weights, batch.retrieval_weights])
+
+        # Eq. 1 and Eq. 2-4
+        e_v = self.tokenizer.encode(item_fields)
+        q = self.tokenizer.quantize(e_v, item_ids)
+        real_rows = row_weights > 0
+        commit = q.commitment_loss(real_rows)  # Eq. 11
+        sem = q.semantic_loss(real_rows)  # Eq. 12
+
+        # Eq. 6: rank path on the exposure rows
+        user_norm_exp = self.bn_u(e_u[:B])
+        rank_logits = self.mixer(
+            user_norm_exp, self.bn_v(e_v[:B].flatten(1)), self.bn_u2i(batch.u2i), hist[:B], hist_mask[:B]
+        )
+        rank_loss = _weighted_bce(rank_logits, batch.labels, batch.weights)  # Eq. 9
+
+        # which rows feed L_recall, the teacher and L_u2t
+        if training and cfg.loss.recall_samples == "retrieval":
+            rows = slice(B, B + R)
+            u2i_r, labels_r, weights_r = batch.retrieval_u2i, batch.retrieval_labels, batch.retrieval_weights
+            user_norm_r = self.bn_u(e_u[rows]) if R > 0 else e_u[rows]
+        else:
+            rows = slice(0, B)
+            u2i_r, labels_r, weights_r = batch.u2i, batch.labels, batch.weights
+            user_norm_r = user_norm_exp
+        sids_r = q.sids[rows]
+        n = sids_r.shape[0]
+        L = self.num_layers
+        e_sid = self._sid_prefix_embeddings(sids_r)  # Eq. 5, [L, N, F*d]
+        u2t_hat = self.u2t_mlp(e_u[rows], e_sid)  # Eq. 14, [L, N, d_c]
+        user_ids = kjt[USER_ID].values()[rows] if cfg.u2t.grouping == "user_bucket" else None
+        teacher = u2t_teacher(u2i_r, sids_r, weights_r, self.num_codes, user_ids)  # Eq. 13 (no grad)
+        if training:
+            u2t_in = teacher if cfg.u2t.train_side else torch.zeros_like(teacher)
+        else:
+            u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
+
+        # Eq. 7 for l = 1..L in one Mixer call (layers stacked along the batch dim)
+        recall_logits = self.mixer(
+            user_norm_r[None].expand(L, -1, -1).reshape(L * n, -1),
+            self.bn_sid(e_sid.reshape(L * n, -1)),
+            self.bn_u2t(u2t_in.reshape(L * n, -1)),
+            hist[rows][None].expand(L, -1, -1, -1).reshape(L * n, hist.shape[1], hist.shape[2]),
+            hist_mask[rows][None].expand(L, -1, -1).reshape(L * n, -1),
+        ).view(L, n)
+        per_layer = _weighted_bce(recall_logits, labels_r[None].expand(L, -1), weights_r)  # [L]
+        recall_loss = per_layer.mean() if cfg.loss.recall_supervision == "all_layers" else per_layer[-1]  # Eq. 10
+        real_r = (weights_r > 0).to(u2t_hat.dtype)
+        u2t_loss = (((u2t_hat - teacher) ** 2).mean(-1) * real_r).sum(-1).div(real_r.sum().clamp_min(1.0)).mean()  # Eq. 15
+
+        gate = self._loss_gate()
+        lc = cfg.loss
+        total = (
+            rank_loss
+            + gate * lc.recall_loss_weight * recall_loss
+            + gate * lc.commit_weight * commit
+            + gate * lc.sem_weight * sem
+            + gate * lc.u2t_weight * u2t_loss
+        )  # Eq. 8
+
+        if training:
+            with torch.no_grad():
+                self.tokenizer.training_update(q, item_ids, real_rows)
+                if self.tokenizer.is_initialized:
+                    self.u2t_stats.update(sids_r, u2i_r, weights_r)
+
+        losses = {"total": total, "rank": rank_loss, "recall": recall_loss, "commit": commit, "sem": sem, "u2t": u2t_loss}
+        output = DIGOutput(
+            losses={k: v.detach() for k, v in losses.items()},
+            rank_logits=rank_logits.detach(),
+            labels=batch.labels,
+            weights=batch.weights,
+            recall_logits=recall_logits.detach(),
+            recall_labels=labels_r,
+            recall_weights=weights_r,
+            tokenizer_metrics=self.tokenizer.metrics(),
+        )
+        return {
+            **losses, "recall_per_layer": per_layer, "e_v": e_v, "e_sid": e_sid, "u2t_hat": u2t_hat,
+            "teacher": teacher, "sids": q.sids, "u2t_in": u2t_in, "output": output,
+        }
+
+    def _inference_u2t(self, mode: str, u2t_hat: torch.Tensor, sids: torch.Tensor) -> torch.Tensor:
+        """u2t on the recall path outside training, ``[L, N, d_c]`` (Eq. 16)."""
+        if mode == "mlp":
+            return u2t_hat.detach()
+        if mode == "stat_mean":
+            return torch.stack([self.u2t_stats.lookup(l, sids[:, l]) for l in range(self.num_layers)], 0).to(u2t_hat)
+        if mode == "none":
+            return torch.zeros_like(u2t_hat)
+        raise ConfigError(f"config key 'u2t.inference' = {mode!r}; must be one of mlp, stat_mean, none")
+
+    # ================================================================== inference API
+    @torch.no_grad()
+    def user_context(self, user_kjt: KeyedJaggedTensor) -> UserContext:
+        """e_u, BN_u(e_u) and the DIN history of each row of ``user_kjt`` (user-side keys)."""
+        kjt = self._complete_kjt(user_kjt)
+        pooled = self._embed(kjt)
+        e_u = torch.cat([pooled[k] for k in self.user_keys], -1)
+        if self.history_keys:
+            hist = torch.stack([pooled[k] for k in self.history_keys], 1)
+        else:
+            hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
+        return UserContext(e_u, self.bn_u(e_u), hist, self._history_mask(kjt))
+
+    @torch.no_grad()
+    def item_representation(self, item_kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Eq. 1: e_v ``[N, F_enc, d]`` of the items in ``item_kjt`` (item keys)."""
+        pooled = self._embed(self._complete_kjt(item_kjt))
+        return self.tokenizer.encode(torch.stack([pooled[k] for k in self.encoder_keys], 1))
+
+    @torch.no_grad()
+    def assign_sids(self, e_v: torch.Tensor) -> torch.Tensor:
+        """Eq. 2-3 argmin: ``e_v [N, F, d]`` (or flattened) -> ``[N, L]``."""
+        return self.tokenizer.assign(e_v)
+
+    @torch.no_grad()
+    def corpus_item_representations(self, items: "ItemTable", batch_size: int = 4096) -> torch.Tensor:
+        """e_v of every catalog item, ``[num_items, F_enc*d]`` in item-id order."""
+        device = self.tokenizer.quantizer.codebooks.device
+        out = []
+        for start in range(0, items.num_items, batch_size):
+            ids = torch.arange(start, min(start + batch_size, items.num_items))
+            out.append(self.item_representation(items.kjt(ids).to(device)).flatten(1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def full_corpus_sids(self, items: "ItemTable", batch_size: int = 4096) -> torch.Tensor:
+        """SIDs of every item, ``[num_items, L]``, with ``tokenizer.collision_resolution`` applied.
+
+        In ``tokenizer.frozen`` mode this is the balanced-tree table itself.
+        """
+        if self.cfg.tokenizer.frozen and self.tokenizer.is_initialized:
+            return self.tokenizer.item_sid_table.clone()
+        return self.tokenizer.corpus_sids(self.corpus_item_representations(items, batch_size))
+
+    @torch.no_grad()
+    def rank_logits(
+        self, ctx: UserContext, user_index: torch.Tensor, e_v: torch.Tensor, u2i: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 6/17 logits ``[N]`` for (user ``ctx[user_index[n]]``, item ``e_v[n]``, ``u2i[n]``)."""
+        c = ctx.select(user_index)
+        return self.mixer(c.user_normalized, self.bn_v(e_v.flatten(1)), self.bn_u2i(u2i), c.history_keys, c.history_mask)
+
+    @torch.no_grad()
+    def recall_logits(
+        self, ctx: UserContext, user_index: torch.Tensor, sid_prefix: torch.Tensor, u2t_mode: Optional[str] = None
+    ) -> torch.Tensor:
+        """Eq. 7/16 logits ``[N]`` at layer l = ``sid_prefix.shape[1]``.
+
+        Args:
+            ctx: user contexts.
+            user_index: ``[N]`` row of ``ctx`` for each candidate.
+            sid_prefix: ``[N, l]`` tokens s_1..s_l.
+            u2t_mode: ``mlp`` | ``stat_mean`` | ``none``; default ``u2t.inference``.
+        """
+        mode = u2t_mode or self.cfg.u2t.inference
+        depth = sid_prefix.shape[1]
+        if not 1 <= depth <= self.num_layers:
+            raise ValueError(f"sid_prefix has {depth} tokens; expected 1..{self.num_layers}")
+        c = ctx.select(user_index)
+        e_sid = self._sid_prefix_embedding_at(sid_prefix)  # Eq. 5
+        if mode == "mlp":
+            u2t = self.u2t_mlp.forward_layer(depth - 1, c.user_embedding, e_sid)  # Eq. 14
+        elif mode == "stat_mean":
+            u2t = self.u2t_stats.lookup(depth - 1, sid_prefix[:, -1]).to(e_sid)
+        elif mode == "none":
+            u2t = e_sid.new_zeros(e_sid.shape[0], self.u2i_dim)
+        else:
+            raise ConfigError(f"u2t mode {mode!r}; must be one of mlp, stat_mean, none")
+        return self.mixer(c.user_normalized, self.bn_sid(e_sid), self.bn_u2t(u2t), c.history_keys, c.history_mask)
+
+    @torch.no_grad()
+    def initialize_tokenizer(self, e_v_all: torch.Tensor) -> None:
+        """Balanced k-means tree init on ``e_v_all [num_items, F_enc*d]`` (rank 0, broadcast)."""
+        self.tokenizer.initialize(e_v_all)

@@ -1,0 +1,193 @@
+"""DIG's embedded tokenizer (paper §3.2): VQ encoder + residual quantizer + the SID table.
+
+``DIGTokenizer`` owns
+
+* ``encoder`` - Eq. 1, e_v = Enc(x_v^s) ``[N, F_enc, d]``;
+* ``quantizer`` - Eq. 2-4 with EMA codebooks (buffers, no gradient);
+* ``item_sid_table`` ``[num_items, L]`` - the latest SID of every item (-1 = never
+  assigned). In ``tokenizer.frozen`` mode (Fixed SID ablation) it holds the balanced-tree
+  SIDs and is never updated; the codebooks are never updated either.
+* ``initialized`` - 0 until :meth:`initialize` ran the balanced k-means tree. A model
+  materialised by DMP from ``meta`` has zeroed buffers, so the table is only meaningful
+  once ``initialized`` is 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dig_torchrec.config import TokenizerConfig
+from dig_torchrec.modules.balanced_kmeans import (
+    balanced_tree_init,
+    check_catalog_fits,
+    collision_rate,
+    resolve_last_layer_collisions,
+)
+from dig_torchrec.modules.encoder import ItemEncoder
+from dig_torchrec.modules.quantizer import QuantizerOutput, ResidualQuantizer, _dist_ready
+
+logger = logging.getLogger(__name__)
+
+
+class DIGTokenizer(nn.Module):
+    """VQ encoder + RQ quantizer + item SID table.
+
+    Args:
+        cfg: tokenizer config.
+        num_fields: F_enc.
+        dim: d.
+        num_items: catalog size (rows of ``item_sid_table``).
+        device: parameter/buffer device ("meta" allowed).
+    """
+
+    def __init__(
+        self, cfg: TokenizerConfig, num_fields: int, dim: int, num_items: int,
+        device: Optional[torch.device | str] = None,
+    ) -> None:
+        super().__init__()
+        check_catalog_fits(num_items, cfg.num_codes, cfg.num_layers)
+        self.cfg = cfg
+        self.num_layers = cfg.num_layers
+        self.num_codes = cfg.num_codes
+        self.num_fields = num_fields
+        self.dim = dim
+        self.encoder = ItemEncoder(num_fields, dim, cfg.encoder_layers, cfg.encoder_heads, device=device)
+        self.quantizer = ResidualQuantizer(
+            cfg.num_layers, cfg.num_codes, num_fields * dim, decay=cfg.ema_decay, epsilon=cfg.laplace_epsilon,
+            dead_code_threshold=cfg.dead_code_threshold, restart_dead_codes=cfg.restart_dead_codes, device=device,
+        )
+        self.register_buffer(
+            "item_sid_table", torch.full((num_items, cfg.num_layers), -1, dtype=torch.long, device=device)
+        )
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("init_collision_rate", torch.zeros((), device=device))  # Eq. 2 right after init
+        self._collision_rate: Optional[float] = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(int(self.initialized) == 1)
+
+    def encode(self, fields: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: ``[N, F_enc, d]`` field embeddings -> e_v ``[N, F_enc, d]``."""
+        return self.encoder(fields)
+
+    def quantize(self, e_v: torch.Tensor, item_ids: torch.Tensor) -> QuantizerOutput:
+        """SIDs and residuals of a batch: Eq. 2 argmin, or the fixed table when frozen."""
+        flat = e_v.reshape(e_v.shape[0], -1)
+        if self.cfg.frozen and self.is_initialized:
+            return self.quantizer(flat, sids=self.item_sid_table[item_ids])
+        return self.quantizer(flat)
+
+    def assign(self, e_v: torch.Tensor) -> torch.Tensor:
+        """Eq. 2-3 argmin on the current codebooks: ``[N, F, d]`` or ``[N, F*d]`` -> ``[N, L]``."""
+        return self.quantizer.assign(e_v.reshape(e_v.shape[0], -1))
+
+    @torch.no_grad()
+    def training_update(self, out: QuantizerOutput, item_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """EMA codebook step (Eq. 2-4 codebooks) and SID-table refresh; no-op when frozen/uninitialised."""
+        if self.cfg.frozen or not self.is_initialized:
+            return
+        self.quantizer.ema_update(out, mask)
+        ids, sids = item_ids[mask], out.sids[mask]
+        if _dist_ready():
+            ids, sids = _all_gather_rows(ids, sids)
+        self.item_sid_table[ids] = sids
+        self._collision_rate = None
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def initialize(self, e_v_all: torch.Tensor) -> None:
+        """Balanced k-means tree init (§3.2) on rank 0, broadcast to every rank.
+
+        Args:
+            e_v_all: ``[num_items, F_enc*d]`` e_v of the whole catalog in item-id order.
+        """
+        num_items = self.item_sid_table.shape[0]
+        if e_v_all.shape[0] != num_items:
+            raise ValueError(f"initialize_tokenizer: e_v_all has {e_v_all.shape[0]} rows, catalog has {num_items} items")
+        flat = e_v_all.reshape(num_items, -1).float()
+        device = self.quantizer.codebooks.device
+        rank = dist.get_rank() if _dist_ready() else 0
+        codebooks = torch.zeros_like(self.quantizer.codebooks)
+        sids = torch.zeros_like(self.item_sid_table)
+        if rank == 0:
+            start = time.time()
+            cb, s = balanced_tree_init(
+                flat.cpu(), self.num_codes, self.num_layers, kmeans_iters=self.cfg.init_kmeans_iters, seed=0,
+            )
+            codebooks.copy_(cb.to(device))
+            sids.copy_(s.to(device))
+            logger.info("balanced k-means tree over %d items (K=%d, L=%d) in %.1fs",
+                        num_items, self.num_codes, self.num_layers, time.time() - start)
+        if _dist_ready():
+            dist.broadcast(codebooks, src=0)
+            dist.broadcast(sids, src=0)
+        self.quantizer.load_initial_codebooks(codebooks, sids)
+        self.item_sid_table.copy_(sids)
+        self.initialized.fill_(1)
+        eq2 = self.quantizer.assign(flat.to(device))
+        self.init_collision_rate.fill_(collision_rate(eq2, self.num_codes))
+        self._collision_rate = None
+        logger.info("tokenizer init: tree SIDs %.4f colliding items, Eq. 2 assignment %.4f",
+                    collision_rate(sids, self.num_codes), float(self.init_collision_rate))
+
+    # ------------------------------------------------------------------ corpus SIDs
+    @torch.no_grad()
+    def corpus_sids(self, e_v_all: torch.Tensor, resolution: Optional[str] = None) -> torch.Tensor:
+        """SIDs of a whole catalog from its e_v, with the configured collision resolution.
+
+        Args:
+            e_v_all: ``[num_items, F_enc*d]`` (or ``[num_items, F, d]``).
+            resolution: ``last_layer`` | ``none``; default ``tokenizer.collision_resolution``.
+        """
+        if self.cfg.frozen and self.is_initialized:
+            return self.item_sid_table.clone()
+        flat = e_v_all.reshape(e_v_all.shape[0], -1).float()
+        sids = self.quantizer.assign(flat)
+        if (resolution or self.cfg.collision_resolution) == "last_layer":
+            prefix = self.quantizer.codebooks[torch.arange(self.num_layers - 1, device=flat.device)[None], sids[:, :-1]]
+            last_residual = flat - prefix.sum(1)
+            sids = resolve_last_layer_collisions(sids, last_residual, self.quantizer.codebooks[-1])
+        return sids
+
+    # ------------------------------------------------------------------ metrics
+    def collision_rate(self) -> float:
+        """Fraction of catalog items sharing their full SID in ``item_sid_table`` (cached)."""
+        if self._collision_rate is None:
+            self._collision_rate = collision_rate(self.item_sid_table, self.num_codes) if self.is_initialized else 0.0
+        return self._collision_rate
+
+    def metrics(self) -> Dict[str, torch.Tensor]:
+        """Per-layer utilisation / perplexity (last EMA batch), cumulative dead-code restarts, collisions."""
+        out: Dict[str, torch.Tensor] = {}
+        stats = self.quantizer.last_stats
+        for layer in range(self.num_layers):
+            if stats:
+                out[f"utilization_l{layer + 1}"] = stats["utilization"][layer].detach()
+                out[f"perplexity_l{layer + 1}"] = stats["perplexity"][layer].detach()
+            out[f"dead_restarts_l{layer + 1}"] = self.quantizer.dead_restarts[layer].detach().clone()
+        out["collision_rate"] = torch.tensor(self.collision_rate())
+        out["init_collision_rate"] = self.init_collision_rate.detach().clone()
+        return out
+
+
+def _all_gather_rows(ids: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather variable-length ``(ids [n], sids [n, L])`` from every rank."""
+    world = dist.get_world_size()
+    n = torch.tensor([ids.numel()], dtype=torch.long, device=ids.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    max_n = int(max(int(s) for s in sizes))
+    packed = torch.full((max_n, 1 + sids.shape[1]), -1, dtype=torch.long, device=ids.device)
+    packed[: ids.numel(), 0] = ids
+    packed[: ids.numel(), 1:] = sids
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed)
+    rows = torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+    return rows[:, 0], rows[:, 1:]

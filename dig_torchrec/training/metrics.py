@@ -1,0 +1,275 @@
+"""Training and validation metrics, aggregated across ranks.
+
+* rank AUC (exposure rows, Eq. 6 logits) and recall AUC per SID layer l = 1..L (Eq. 7
+  logits): torchmetrics ``BinaryAUROC`` with a binned confusion-matrix state, so the
+  cross-rank sync is one all-reduce and memory stays constant however long the window;
+* every loss term of Eq. 8 (``total, rank, recall, commit, sem, u2t``), averaged over the
+  window and the ranks;
+* tokenizer health from the model (per-layer codebook utilization and perplexity,
+  dead-code restarts, collision rate);
+* throughput: exposure rows per second over all ranks.
+
+Every ``compute`` is a collective call: all ranks must call it at the same step.
+Output goes to the console (rank 0, with a tqdm bar), TensorBoard (``run_dir/tensorboard``)
+and ``run_dir/metrics.jsonl`` (one JSON record per log/validation event).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torchmetrics.classification import BinaryAUROC
+
+logger = logging.getLogger(__name__)
+
+AUC_THRESHOLDS = 2048  # bins of the AUC's confusion-matrix state (error ~1e-3)
+
+
+def _reduce_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a world of one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = t.to(_reduce_device())
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.cpu()
+    return t
+
+
+def flatten_metric(name: str, value: Any) -> Dict[str, float]:
+    """``{"utilization": tensor([a, b, c])}`` -> ``utilization_l1, _l2, _l3`` (layers 1-based)."""
+    if isinstance(value, torch.Tensor):
+        v = value.detach().float().cpu().reshape(-1)
+        if v.numel() == 1:
+            return {name: float(v[0])}
+        return {f"{name}_l{i + 1}": float(x) for i, x in enumerate(v)}
+    if isinstance(value, (int, float)):
+        return {name: float(value)}
+    if isinstance(value, (list, tuple)):
+        return {f"{name}_l{i + 1}": float(x) for i, x in enumerate(value)}
+    return {}
+
+
+class AUCSet:
+    """Rank AUC plus one recall AUC per SID layer, over masked (weight > 0) rows.
+
+    Args:
+        num_layers: L, the number of SID layers.
+        thresholds: bins of each AUC's state.
+    """
+
+    def __init__(self, num_layers: int, thresholds: int = AUC_THRESHOLDS) -> None:
+        self.num_layers = num_layers
+        # sync_on_compute=False: we all-reduce the states ourselves in one call
+        self.rank_auc = BinaryAUROC(thresholds=thresholds, sync_on_compute=False)
+        self.recall_auc = [BinaryAUROC(thresholds=thresholds, sync_on_compute=False) for _ in range(num_layers)]
+
+    def _metrics(self) -> List[BinaryAUROC]:
+        return [self.rank_auc, *self.recall_auc]
+
+    def update(self, output: Any) -> None:
+        """Add one step's logits/labels from a ``DIGOutput``."""
+        logits = getattr(output, "rank_logits", None)
+        if logits is not None and logits.numel():
+            mask = output.weights > 0
+            self.rank_auc.update(torch.sigmoid(logits[mask].detach().float()).cpu(), output.labels[mask].long().cpu())
+        rec = getattr(output, "recall_logits", None)
+        if rec is not None and rec.numel():
+            mask = output.recall_weights > 0
+            labels = output.recall_labels[mask].long().cpu()
+            for layer in range(min(self.num_layers, rec.shape[0])):
+                self.recall_auc[layer].update(torch.sigmoid(rec[layer][mask].detach().float()).cpu(), labels)
+
+    def compute(self) -> Dict[str, float]:
+        """Cross-rank AUCs (collective). NaN when a window saw only one class."""
+        states = torch.stack([m.confmat for m in self._metrics()]).long()
+        states = all_reduce_sum(states)
+        out: Dict[str, float] = {}
+        names = ["rank_auc", *[f"recall_auc_l{l + 1}" for l in range(self.num_layers)]]
+        for name, metric, confmat in zip(names, self._metrics(), states):
+            out[name] = _auc_from_confmat(confmat, metric.thresholds)
+        return out
+
+    def reset(self) -> None:
+        for m in self._metrics():
+            m.reset()
+
+
+def _auc_from_confmat(confmat: torch.Tensor, thresholds: torch.Tensor) -> float:
+    """ROC AUC from a binned [T, 2, 2] confusion matrix (tn, fp / fn, tp per threshold)."""
+    confmat = confmat.double()
+    tp = confmat[:, 1, 1]
+    fn = confmat[:, 1, 0]
+    fp = confmat[:, 0, 1]
+    tn = confmat[:, 0, 0]
+    pos = tp[0] + fn[0]
+    neg = fp[0] + tn[0]
+    if pos <= 0 or neg <= 0:
+        return float("nan")
+    tpr = torch.cat([torch.ones(1, dtype=torch.float64), tp / pos, torch.zeros(1, dtype=torch.float64)])
+    fpr = torch.cat([torch.ones(1, dtype=torch.float64), fp / neg, torch.zeros(1, dtype=torch.float64)])
+    # thresholds ascend, so (fpr, tpr) run from (1, 1) down to (0, 0): integrate with the sign flipped
+    return float(-torch.trapezoid(tpr, fpr))
+
+
+class MeanSet:
+    """Running means of named scalars (loss terms, tokenizer stats), averaged across ranks."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def update(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def compute(self, keys: Iterable[str]) -> Dict[str, float]:
+        """Means over the window and the ranks (collective; every rank passes the same keys)."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        t = torch.tensor([[self.sums.get(k, 0.0), float(self.counts.get(k, 0))] for k in keys], dtype=torch.float64)
+        t = all_reduce_sum(t)
+        return {k: (float(s / c) if c > 0 else float("nan")) for k, (s, c) in zip(keys, t.tolist())}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+def output_scalars(output: Any) -> Dict[str, float]:
+    """Loss terms (``loss/<term>``) and tokenizer stats (``tokenizer/<name>[_l<layer>]``) of one step."""
+    out: Dict[str, float] = {}
+    for name, value in (getattr(output, "losses", None) or {}).items():
+        out.update(flatten_metric(f"loss/{name}", value))
+    for name, value in (getattr(output, "tokenizer_metrics", None) or {}).items():
+        out.update(flatten_metric(f"tokenizer/{name}", value))
+    return out
+
+
+class TrainMetrics:
+    """Windowed training metrics: AUCs, loss terms, tokenizer stats, samples/s.
+
+    Args:
+        num_layers: L.
+        scalar_keys: every scalar name the model reports (the same list on all ranks, so
+            the all-reduce lines up); grown from the first output when None.
+    """
+
+    def __init__(self, num_layers: int, scalar_keys: Optional[List[str]] = None) -> None:
+        self.aucs = AUCSet(num_layers)
+        self.means = MeanSet()
+        self.scalar_keys: List[str] = list(scalar_keys or [])
+        self.rows = 0
+        self.steps = 0
+        self._t0 = time.perf_counter()
+
+    def update(self, output: Any) -> None:
+        scalars = output_scalars(output)
+        # every rank sees the same keys at the same step (the model's structure is the same),
+        # so the sorted union lines up in the all-reduce
+        new = set(scalars) - set(self.scalar_keys)
+        if new:
+            self.scalar_keys = sorted(set(self.scalar_keys) | new)
+        self.means.update(scalars)
+        self.aucs.update(output)
+        w = getattr(output, "weights", None)
+        self.rows += int((w > 0).sum()) if w is not None else 0
+        self.steps += 1
+
+    def compute(self) -> Dict[str, float]:
+        """Window results (collective) and reset the window."""
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        out = {f"train/{k}": v for k, v in self.aucs.compute().items()}
+        out.update({f"train/{k}": v for k, v in self.means.compute(self.scalar_keys).items()})
+        rows = all_reduce_sum(torch.tensor([float(self.rows)], dtype=torch.float64))
+        out["perf/samples_per_s"] = float(rows[0]) / elapsed
+        out["perf/steps_per_s"] = self.steps / elapsed
+        self.aucs.reset()
+        self.means.reset()
+        self.rows = 0
+        self.steps = 0
+        self._t0 = time.perf_counter()
+        return out
+
+
+class MetricsLogger:
+    """Where metrics go: console (logging), TensorBoard and ``metrics.jsonl``, on rank 0 only.
+
+    Args:
+        run_dir: the run directory.
+        enabled: True on rank 0.
+        tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                except Exception as e:  # tensorboard missing or broken: keep training, log why
+                    logger.warning("TensorBoard disabled: %s", e)
+
+    def log(self, step: int, values: Mapping[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self._writer is not None:
+            for k, v in values.items():
+                if v is not None and not math.isnan(v):
+                    self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+        if self._jsonl is not None:
+            rec = {"kind": kind, "step": step, **{k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}}
+            self._jsonl.write(json.dumps(rec) + "\n")
+            self._jsonl.flush()
+        logger.info("%s step %d: %s", kind, step, format_metrics(values))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def format_metrics(values: Mapping[str, float], keys: Optional[Iterable[str]] = None) -> str:
+    """A compact one-line summary: the headline metrics first."""
+    order = list(keys) if keys is not None else sorted(values, key=lambda k: (not k.endswith("auc"), "loss/total" not in k, k))
+    parts = []
+    for k in order:
+        v = values.get(k)
+        if v is None:
+            continue
+        short = k.split("/", 1)[-1]
+        parts.append(f"{short}={v:.4g}" if not math.isnan(v) else f"{short}=nan")
+    return " ".join(parts)
+
+
+def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Records of ``run_dir/metrics.jsonl`` (optionally only one kind: train | valid)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r for r in recs if kind is None or r.get("kind") == kind]

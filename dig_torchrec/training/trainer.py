@@ -1,0 +1,449 @@
+"""The DIG trainer: DMP-sharded model, fused sparse + dense Adam, pipelined training loop.
+
+Wiring (after torchrec's DLRM example):
+
+1. ``DIGModel`` is built on ``meta``; its embedding tables get a fused optimizer with
+   ``apply_optimizer_in_backward`` (row-wise Adagrad by default).
+2. ``EmbeddingShardingPlanner.collective_plan`` plans with per-table constraints from the
+   config (``dig_torchrec.distributed.planner``); rank 0 logs the plan.
+3. ``DistributedModelParallel`` shards the tables and wraps the dense part in DDP.
+4. Dense Adam via ``KeyedOptimizerWrapper``; both joined in ``CombinedOptimizer``.
+5. ``DIGTrainPipeline`` (``TrainPipelineSparseDist``) runs the steps.
+
+The loop runs in *segments* that end at every event step (tokenizer init, validation,
+checkpoint, epoch end, the last step). The pipeline prefetches two batches ahead; ending
+each segment drains it, so at an event the reader has yielded exactly the batches that
+were trained on, and a checkpoint's reader position is exact.
+
+Tokenizer init (``tokenizer.init_after_steps``): every rank computes e_v (Eq. 1) for a
+disjoint, equal-sized chunk of the catalog through the sharded embedding tables (same
+number of collective calls on every rank), the chunks are all-gathered, and
+``DIGModel.initialize_tokenizer`` runs the balanced k-means tree on rank 0 and broadcasts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
+from tqdm import tqdm
+
+from dig_torchrec.config import DIGConfig, save_config
+from dig_torchrec.data.batch import DIGBatch
+from dig_torchrec.data.reader import ExposureReader, open_dataset
+from dig_torchrec.distributed.env import DistEnv, init_distributed, shutdown
+from dig_torchrec.distributed.pipeline import DIGTrainPipeline
+from dig_torchrec.distributed.planner import default_sharders, describe_plan, plan_sharding, plan_sharding_types
+from dig_torchrec.distributed.sync import average_batchnorm_stats
+from dig_torchrec.errors import NumericalError
+from dig_torchrec.model import DIGModel, DIGOutput
+from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible, check_run_dir, check_sharding
+from dig_torchrec.training.metrics import AUCSet, MeanSet, MetricsLogger, TrainMetrics, format_metrics, output_scalars
+from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's RNG states (saved per rank in checkpoints)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains DIG on one process or many (``torchrun`` / TorchX), from a resolved config.
+
+    Args:
+        cfg: the resolved config (``load_config``).
+        resume: ``None`` (fresh), ``auto`` (newest complete checkpoint of ``run_dir`` if any),
+            or a checkpoint directory.
+        env: an already-initialised distributed environment (default: create one).
+    """
+
+    def __init__(self, cfg: DIGConfig, resume: Optional[str] = None, env: Optional[DistEnv] = None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.env = env or init_distributed(cfg.train.device)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.is_rank0 = self.env.is_rank_zero
+        self.step = 0
+        self.total_steps = 0
+        self.last_validation: Dict[str, float] = {}
+        self.last_checkpoint: Optional[Path] = None
+        self.last_checkpoint_step = -1
+        self.last_validation_step = -1
+        self._setup()
+
+    # ================================================================== setup
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        check_run_dir(self.run_dir, cfg.train.min_free_disk_mb)  # fail now, not after hours of training
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.train.seed)  # same dense init on every rank
+        self.meta, self.schema = open_dataset(cfg.data.path, cfg.data)
+        model = DIGModel(cfg, self.meta, device="meta")
+        attach_sparse_optimizer(model, cfg.train, env.device.type)
+        self.plan = plan_sharding(
+            model,
+            cfg.sharding,
+            env.device,
+            env.world_size,
+            env.local_world_size,
+            cfg.data.batch_size,
+            pg=env.process_group,
+        )
+        self.sharding_types = plan_sharding_types(self.plan)
+        if self.is_rank0:
+            logger.info("%s", describe_plan(self.plan))
+        self.model = DistributedModelParallel(
+            module=model,
+            env=ShardingEnv.from_process_group(env.process_group),
+            device=env.device,
+            plan=self.plan,
+            sharders=default_sharders(),
+            # find_unused_parameters: DDP tolerates a term that drops out of the graph
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+        )
+        self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
+        self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank, world_size=env.world_size)
+        self.train_reader = ExposureReader(
+            cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
+        )
+        self.valid_reader: Optional[ExposureReader] = None
+        steps_per_epoch = self.train_reader.num_batches
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+        self.metrics = TrainMetrics(cfg.tokenizer.num_layers)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0)
+        self.pipeline = DIGTrainPipeline(self.model, self.optimizer, env.device, custom_model_fwd=self._guarded_forward)
+        # after the model is built: per-rank streams for dropout / sampling
+        seed_everything(cfg.train.seed + 1000 * env.rank + 1)
+        if self.is_rank0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._maybe_resume()
+        logger.info(
+            "rank %d: %d steps per epoch, %d steps total, starting at step %d",
+            env.rank, steps_per_epoch, self.total_steps, self.step,
+        )
+
+    @property
+    def dig(self) -> DIGModel:
+        """The DIG module inside DMP (sharded tables, unwrapped from DDP)."""
+        return self.model.module  # type: ignore[return-value]
+
+    def _state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def _maybe_resume(self) -> None:
+        path = self.checkpoints.resolve(self.resume)
+        if path is None:
+            return
+        check_compatible(path, self.cfg, self.meta, for_training=True)
+        check_sharding(path, self.sharding_types)
+        state = self._state()
+        info = self.checkpoints.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.step = info.step
+        reader = self.train_reader
+        if info.rank_state is not None:
+            reader.load_state_dict(info.rank_state["reader"])
+            set_rng_state(info.rank_state["rng"])
+            self.dense_optimizer.skipped_steps = int(info.rank_state.get("skipped_steps", 0))
+        else:
+            # World size changed: the row order depends on it, so resume at the same fraction
+            # of the epoch (rows are not matched one to one).
+            frac = float(info.extra.get("epoch_fraction", 0.0))
+            reader.set_epoch(info.epoch)
+            reader.load_state_dict({"epoch": info.epoch, "batches_in_epoch": int(round(frac * reader.num_batches))})
+            logger.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: model and optimizer are resharded exactly; "
+                "the reader restarts epoch %d at %.0f%% (the row order depends on the world size)",
+                path, info.world_size, self.env.world_size, info.epoch, 100 * frac,
+            )
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        logger.info("resumed from %s at step %d (epoch %d)", path, self.step, reader.epoch)
+
+    # ================================================================== step
+    def _guarded_forward(self, batch: Optional[DIGBatch]) -> Tuple[torch.Tensor, DIGOutput]:
+        """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward."""
+        loss, output = self.model(batch)
+        if not self.model.training:
+            return loss, output
+        names = list(output.losses)
+        bad = torch.tensor([0 if bool(torch.isfinite(output.losses[k]).all()) else 1 for k in names], dtype=torch.int32)
+        if dist.is_initialized() and self.env.world_size > 1:
+            reduced = bad.to(self.env.device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            bad = reduced.cpu()
+        if int(bad.max()):
+            terms = [n for n, b in zip(names, bad.tolist()) if b and n != "total"] or ["total"]
+            step = self.step + 1
+            if self.cfg.train.nan_policy == "error":
+                raise NumericalError(
+                    f"step {step}: non-finite loss term '{terms[0]}' (train.nan_policy=error; "
+                    f"set train.nan_policy=skip to skip such batches)"
+                )
+            logger.warning("step %d: non-finite loss term(s) %s: skipping the batch", step, ", ".join(terms))
+            self.dense_optimizer.skip_next = True
+            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # zero gradients, graph intact
+        return loss, output
+
+    # ================================================================== tokenizer init
+    @torch.no_grad()
+    def initialize_tokenizer(self, chunk_size: int = 4096) -> None:
+        """e_v of the whole catalog through the sharded tables, all-gathered; tree init on rank 0.
+
+        Every rank embeds ``ceil(num_items / world)`` items (padded with item 0), in the same
+        number of sub-batches, so the sharded tables' all-to-alls line up across ranks.
+        """
+        t0 = time.perf_counter()
+        world, rank = self.env.world_size, self.env.rank
+        items = self.train_reader.items
+        n = items.num_items
+        per_rank = -(-n // world)
+        ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+        ids = torch.where(ids < n, ids, torch.zeros_like(ids))
+        was_training = self.model.training
+        self.model.eval()
+        parts = []
+        for start in range(0, per_rank, chunk_size):
+            chunk = ids[start : start + chunk_size]
+            parts.append(self.dig.item_representation(items.kjt(chunk).to(self.env.device)).flatten(1))
+        local = torch.cat(parts)  # [per_rank, F*d]
+        if world > 1:
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local.contiguous())
+            e_v_all = torch.cat(gathered)[:n]
+        else:
+            e_v_all = local[:n]
+        self.dig.initialize_tokenizer(e_v_all)
+        self.model.train(was_training)
+        logger.info("tokenizer initialised at step %d (%.1fs)", self.step, time.perf_counter() - t0)
+
+    # ================================================================== validation
+    @torch.no_grad()
+    def validate(self, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Rank AUC, per-layer recall AUC and loss terms on the valid split (all ranks).
+
+        Args:
+            max_batches: cap per rank (default ``train.val_max_batches``; 0 = whole split).
+        """
+        cfg = self.cfg
+        if self.valid_reader is None:
+            self.valid_reader = ExposureReader(
+                cfg.data.path, "valid", cfg.data, self.schema, rank=self.env.rank, world_size=self.env.world_size,
+                with_retrieval=False, shuffle=False,
+            )
+        reader = self.valid_reader
+        reader.set_epoch(0)
+        limit = max_batches if max_batches is not None else cfg.train.val_max_batches
+        n_batches = reader.num_batches if not limit else min(limit, reader.num_batches)
+        average_batchnorm_stats(self.model)  # eval mode reads them: same values on every rank
+        aucs, means = AUCSet(cfg.tokenizer.num_layers), MeanSet()
+        keys: List[str] = []
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        it = iter(reader)
+        for _ in range(n_batches):
+            batch = next(it).to(self.env.device)
+            _, out = self.model(batch)
+            aucs.update(out)
+            scalars = {k: v for k, v in output_scalars(out).items() if k.startswith("loss/")}
+            keys = keys or sorted(scalars)
+            means.update(scalars)
+        result = {f"valid/{k}": v for k, v in aucs.compute().items()}
+        result.update({f"valid/{k}": v for k, v in means.compute(keys).items()})
+        result["valid/seconds"] = time.perf_counter() - t0
+        self.model.train(was_training)
+        self.last_validation = result
+        self.last_validation_step = self.step
+        self.logger.log(self.step, result, kind="valid")
+        return result
+
+    # ================================================================== checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``run_dir/checkpoints/step-<step>`` (collective)."""
+        average_batchnorm_stats(self.model)  # one value per replicated buffer in the checkpoint
+        reader = self.train_reader
+        rstate = reader.state_dict()
+        frac = rstate["batches_in_epoch"] / max(1, reader.num_batches)
+        path = self.checkpoints.save(
+            self.step,
+            self._state(),
+            config=self.cfg,
+            dataset_meta=self.meta,
+            epoch=reader.epoch,
+            sharding=self.sharding_types,
+            rank_state={"reader": rstate, "rng": rng_state(), "skipped_steps": self.dense_optimizer.skipped_steps},
+            extra={"epoch_fraction": frac, "validation": self.last_validation},
+        )
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        return path
+
+    # ================================================================== loop
+    def _event_steps(self) -> List[int]:
+        cfg = self.cfg.train
+        out = [self.total_steps]
+        for every in (cfg.checkpoint_every, cfg.val_every, cfg.log_every):
+            if every > 0:
+                out.append((self.step // every + 1) * every)
+        if self.cfg.tokenizer.init_after_steps > self.step:
+            out.append(self.cfg.tokenizer.init_after_steps)
+        reader = self.train_reader
+        left_in_epoch = reader.num_batches - reader.state_dict()["batches_in_epoch"]
+        out.append(self.step + max(left_in_epoch, 1) if left_in_epoch > 0 else self.step + reader.num_batches)
+        return [s for s in out if s > self.step]
+
+    @staticmethod
+    def _segment(source: Iterator[DIGBatch], n: int) -> Iterator[DIGBatch]:
+        for _ in range(n):
+            batch = next(source, None)
+            if batch is None:
+                return
+            yield batch
+
+    def _epoch_iterator(self) -> Iterator[DIGBatch]:
+        reader = self.train_reader
+        if reader.state_dict()["batches_in_epoch"] >= reader.num_batches:
+            reader.set_epoch(reader.epoch + 1)
+        return iter(reader)
+
+    def _handle_events(self, epoch_done: bool) -> None:
+        cfg = self.cfg.train
+        tok = self.cfg.tokenizer
+        if not self.dig.tokenizer.is_initialized and not tok.frozen and self.step >= tok.init_after_steps:
+            self.initialize_tokenizer()
+        elif tok.frozen and not self.dig.tokenizer.is_initialized and self.step >= tok.init_after_steps:
+            self.initialize_tokenizer()
+        if cfg.log_every > 0 and self.step % cfg.log_every == 0 and self.step > 0:
+            self._log_train()
+        if (cfg.val_every > 0 and self.step % cfg.val_every == 0 and self.step > 0) or (cfg.val_every == 0 and epoch_done):
+            self.validate()
+        if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.step > 0:
+            self.save_checkpoint()
+
+    def _log_train(self) -> None:
+        values = self.metrics.compute()
+        values["train/skipped_steps"] = float(self.dense_optimizer.skipped_steps)
+        values["train/lr_factor"] = self.warmup.factor(self.step)
+        self.logger.log(self.step, values, kind="train")
+        self._last_train = values
+
+    def train(self) -> Dict[str, float]:
+        """Run to ``train.max_steps`` (or ``train.epochs``); returns the final metrics (rank 0 writes them)."""
+        self._last_train: Dict[str, float] = {}
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not self.is_rank0, desc="train",
+            unit="step", mininterval=1.0 if os.isatty(2) else 30.0, dynamic_ncols=True,
+        )
+        t_start = time.perf_counter()
+        steps_run = 0
+        # events due before the first step (e.g. tokenizer.init_after_steps=0)
+        if self.step < self.total_steps:
+            self._handle_events(epoch_done=False)
+        source = self._epoch_iterator()
+        try:
+            while self.step < self.total_steps:
+                target = min(self._event_steps())
+                self.pipeline.attach(self.model)
+                for _ in self._run_segment(self._segment(source, target - self.step)):
+                    steps_run += 1
+                    bar.update(1)
+                    if self._last_train and bar.n % 10 == 0:
+                        bar.set_postfix(loss=f"{self._last_train.get('train/loss/total', float('nan')):.4f}",
+                                        auc=f"{self._last_train.get('train/rank_auc', float('nan')):.3f}")
+                self.pipeline.detach()  # drained: events call the model directly
+                reader = self.train_reader
+                epoch_done = reader.state_dict()["batches_in_epoch"] >= reader.num_batches
+                if self.step < target and not epoch_done:
+                    raise RuntimeError(f"reader ran dry at step {self.step} before the epoch ended")
+                if epoch_done and self.step < self.total_steps:
+                    self._handle_events(epoch_done=True)
+                    source = self._epoch_iterator()
+                elif self.step < self.total_steps:
+                    self._handle_events(epoch_done=False)
+            # final: validation and checkpoint unless the last event already did them
+            if self.last_validation_step != self.step:
+                self.validate()
+            if self.last_checkpoint_step != self.step:
+                self.save_checkpoint()
+            if self.metrics.steps:
+                self._log_train()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            **self.last_validation,
+            **{k: v for k, v in self._last_train.items() if k.startswith("train/")},
+            "perf/samples_per_s": self._last_train.get("perf/samples_per_s", float("nan")),
+            "perf/train_seconds": elapsed,
+            "steps": float(self.step),
+        }
+        if self.is_rank0:
+            record = {
+                "step": self.step,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "world_size": self.env.world_size,
+                "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()},
+            }
+            (self.run_dir / FINAL_METRICS_FILE).write_text(json.dumps(record, indent=2))
+            logger.info("done at step %d: %s", self.step, format_metrics(self.last_validation))
+            logger.info("checkpoint: %s", self.last_checkpoint)
+        return summary
+
+    def _run_segment(self, batches: Iterator[DIGBatch]) -> Iterator[None]:
+        while True:
+            self.warmup.apply(self.step)
+            self.dense_optimizer.step_index = self.step + 1
+            try:
+                output = self.pipeline.progress(batches)
+            except StopIteration:
+                return
+            self.step += 1
+            self.metrics.update(output)
+            yield None
+
+    def close(self) -> None:
+        """Flush logs and leave the process group (if this trainer created it)."""
+        self.logger.close()
+        shutdown(self.env)
+
+
+def read_final_metrics(run_dir: str | Path) -> Dict[str, Any]:
+    """``run_dir/final_metrics.json`` written at the end of :meth:`Trainer.train`."""
+    return json.loads((Path(run_dir) / FINAL_METRICS_FILE).read_text())

@@ -1,0 +1,235 @@
+"""ExposureReader: rank/worker splits, fixed sizes, retrieval rows, resume, targets."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from dig_torchrec.config import DataConfig
+from dig_torchrec.data.items import ItemTable
+from dig_torchrec.data.reader import ExposureReader, load_targets, open_dataset
+from dig_torchrec.data.u2i import U2IFunction, UserStates
+
+ROW_KEYS = ["user_id", "item_id", "hour", "device", "city"]
+
+
+def _row_tuples(batch, keys=ROW_KEYS) -> List[Tuple]:
+    B = batch.batch_size
+    kjt = batch.sparse_features
+    cols = [kjt[k].values()[:B] for k in keys]
+    real = batch.weights > 0
+    u2i = batch.u2i[real]
+    return list(zip(*[c[real].tolist() for c in cols], batch.labels[real].tolist(), map(tuple, u2i.tolist())))
+
+
+def _parquet_tuples(root: Path, split: str) -> collections.Counter:
+    t = pads.dataset(str(root / split)).to_table()
+    cols = [t.column(k).to_numpy() for k in ROW_KEYS]
+    u2i = np.stack(t.column("u2i").to_numpy(zero_copy_only=False)).astype(np.float32)
+    lab = t.column("label").to_numpy().astype(np.float32)
+    return collections.Counter(zip(*[c.tolist() for c in cols], lab.tolist(), map(tuple, u2i.tolist())))
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (3, 0), (2, 2)])
+def test_rank_and_worker_splits_cover_every_row_exactly_once(tiny_dataset, tiny_data_config, tiny_meta_schema,
+                                                             world_size, num_workers):
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers)
+    seen: collections.Counter = collections.Counter()
+    steps = []
+    for rank in range(world_size):
+        reader = ExposureReader(tiny_dataset, "train", cfg, schema, rank=rank, world_size=world_size)
+        batches = list(reader)
+        steps.append(len(batches))
+        assert len(batches) == reader.num_batches
+        assert reader.rows_consumed == reader.rows
+        for b in batches:
+            seen.update(_row_tuples(b))
+    assert len(set(steps)) == 1, f"ranks ran different step counts: {steps}"
+    expected = _parquet_tuples(tiny_dataset, "train")
+    assert seen == expected
+    if num_workers == 0:  # the spec's step count: max over ranks of ceil(rows / B)
+        per_rank = [ExposureReader(tiny_dataset, "train", cfg, schema, rank=r, world_size=world_size).rows
+                    for r in range(world_size)]
+        assert steps[0] == max(-(-r // cfg.batch_size) for r in per_rank)
+
+
+def test_batches_have_fixed_sizes_and_valid_retrieval_rows(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    meta, schema = tiny_meta_schema
+    cfg = tiny_data_config
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema)
+    items = ItemTable.load(tiny_dataset, schema)
+    B, P, K = cfg.batch_size, cfg.retrieval_positives, cfg.negatives_per_positive
+    R = P * (1 + K)
+    n_checked = 0
+    for step, batch in enumerate(reader):
+        kjt = batch.sparse_features
+        assert kjt.keys() == schema.keys
+        assert kjt.stride() == B + R
+        assert batch.u2i.shape == (B, meta.u2i_dim) and batch.retrieval_u2i.shape == (R, meta.u2i_dim)
+        assert batch.labels.shape == (B,) and batch.retrieval_labels.shape == (R,)
+        assert torch.equal(batch.retrieval_labels.view(P, 1 + K), torch.cat([torch.ones(P, 1), torch.zeros(P, K)], 1))
+        item_ids = kjt["item_id"].values()
+        r_items = item_ids[B:].view(P, 1 + K)
+        slot_real = batch.retrieval_weights.view(P, 1 + K)[:, 0] > 0
+        # positives are clicks of this batch's real exposure rows
+        clicked = set(item_ids[:B][(batch.labels > 0) & (batch.weights > 0)].tolist())
+        assert set(r_items[slot_real, 0].tolist()) <= clicked
+        assert int(slot_real.sum()) == min(P, int(((batch.labels > 0) & (batch.weights > 0)).sum()))
+        # negatives never equal their positive, and carry their own static features
+        assert not (r_items[:, 1:] == r_items[:, :1]).any()
+        for key_idx, name in enumerate(schema.item_features):
+            assert torch.equal(kjt[name].values()[B:], items.features[item_ids[B:], key_idx])
+        n_checked += 1
+        if step > 5:
+            break
+    assert n_checked > 0
+
+
+def test_negative_u2i_is_computed_from_the_positive_user_state(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    """Recompute each retrieval row's u2i independently from the click row's stored user_state."""
+    meta, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, shuffle_buffer=0)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema, shuffle=False)
+    batch = next(iter(reader))
+    B, P, K = cfg.batch_size, cfg.retrieval_positives, cfg.negatives_per_positive
+    table = pads.dataset(str(tiny_dataset / "train")).to_table()
+    # unshuffled: the first batch is the first B rows in file order
+    clicks = np.flatnonzero(table.column("label").to_numpy()[:B] > 0)[:P]
+    states = UserStates.from_arrow(table.column("user_state").slice(0, B))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    items = batch.sparse_features["item_id"].values()[B:].view(P, 1 + K)
+    expect = fn(states, torch.from_numpy(clicks).repeat_interleave(1 + K), items[: len(clicks)].reshape(-1))
+    got = batch.retrieval_u2i.view(P, 1 + K, -1)[: len(clicks)].reshape(-1, meta.u2i_dim)
+    assert torch.equal(got, expect)
+    # user-side keys of the retrieval rows are the click row's
+    uid = batch.sparse_features["user_id"].values()
+    assert torch.equal(uid[B:].view(P, 1 + K)[: len(clicks)], uid[:B][clicks][:, None].expand(-1, 1 + K))
+
+
+def test_last_batch_padding_and_weight_zero_pad_batches(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, batch_size=1000)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema, world_size=3, rank=0)
+    batches = list(reader)
+    total_w = sum(float(b.weights.sum()) for b in batches)
+    assert total_w == reader.rows
+    last = batches[-1]
+    assert last.batch_size == 1000
+    assert float(last.weights.sum()) < 1000 or total_w == 1000 * len(batches)
+
+
+def test_history_keys_are_most_recent_first(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, shuffle_buffer=0)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema, shuffle=False, with_retrieval=False)
+    batch = next(iter(reader))
+    table = pads.dataset(str(tiny_dataset / "train")).to_table()
+    hist = table.column("history").to_pylist()[: cfg.batch_size]
+    H = schema.history_length
+    for j in range(H):
+        jt = batch.sparse_features[f"hist_{j}"]
+        lengths = jt.lengths().tolist()
+        expect = [h[len(h) - 1 - j] for h in hist if len(h) > j]
+        assert lengths == [1 if len(h) > j else 0 for h in hist]
+        assert jt.values().tolist() == expect
+    assert batch.retrieval_size == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_at_the_exact_row(tiny_dataset, tiny_data_config, tiny_meta_schema, num_workers):
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers)
+    full = list(ExposureReader(tiny_dataset, "train", cfg, schema, epoch=1))
+    first = ExposureReader(tiny_dataset, "train", cfg, schema, epoch=1)
+    it = iter(first)
+    head = [next(it) for _ in range(7)]
+    state = first.state_dict()
+    del it
+    assert state["batches_in_epoch"] == 7 and state["epoch"] == 1
+    resumed = ExposureReader(tiny_dataset, "train", cfg, schema)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full):
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
+        assert torch.equal(a.u2i, b.u2i) and torch.equal(a.retrieval_u2i, b.retrieval_u2i)
+        assert torch.equal(a.weights, b.weights)
+    assert resumed.rows_consumed == resumed.rows
+
+
+def test_shuffle_is_seeded_and_changes_with_epoch(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    _, schema = tiny_meta_schema
+    cfg = tiny_data_config
+
+    def first_users(epoch: int, seed: int) -> List[int]:
+        r = ExposureReader(tiny_dataset, "train", dataclasses.replace(cfg, seed=seed), schema, epoch=epoch)
+        return next(iter(r)).sparse_features["user_id"].values()[: cfg.batch_size].tolist()
+
+    assert first_users(0, 0) == first_users(0, 0)
+    assert first_users(0, 0) != first_users(1, 0)
+    assert first_users(0, 0) != first_users(0, 1)
+    # a second pass over the same reader starts the next epoch
+    r = ExposureReader(tiny_dataset, "train", cfg, schema)
+    list(r)
+    assert next(iter(r)).sparse_features["user_id"].values()[: cfg.batch_size].tolist() == first_users(1, 0)
+
+
+def test_popularity_negative_sampling_follows_train_clicks(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, negative_sampling="popularity", popularity_alpha=1.0,
+                              negatives_per_positive=16)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema)
+    B, P, K = cfg.batch_size, cfg.retrieval_positives, 16
+    counts = torch.zeros(reader.items.num_items)
+    for step, b in enumerate(reader):
+        negs = b.sparse_features["item_id"].values()[B:].view(P, 1 + K)[:, 1:]
+        counts += torch.bincount(negs.reshape(-1), minlength=reader.items.num_items)
+        if step > 40:
+            break
+    pop = reader.items.popularity
+    corr = torch.corrcoef(torch.stack([counts, pop]))[0, 1]
+    assert corr > 0.8, corr
+
+
+def test_load_targets_matches_retrieval_file(tiny_dataset, tiny_meta_schema):
+    meta, schema = tiny_meta_schema
+    targets = load_targets(tiny_dataset, "test", schema)
+    table = pads.dataset(str(tiny_dataset / "retrieval" / "test.parquet")).to_table()
+    assert len(targets) == table.num_rows > 0
+    assert (table.column("label").to_numpy() == 1).all()
+    assert targets.user_kjt.keys() == schema.user_side_keys
+    assert targets.user_kjt.stride() == len(targets)
+    assert targets.target_item.tolist() == table.column("item_id").to_pylist()
+    hist = table.column("history").to_pylist()
+    for i in (0, len(hist) // 2, len(hist) - 1):
+        h = hist[i][::-1][: schema.history_length]
+        assert targets.history[i].tolist() == h + [-1] * (schema.history_length - len(h))
+    assert len(targets.states) == len(targets)
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    assert torch.equal(fn(targets.states, torch.arange(len(targets)), targets.target_item), targets.u2i)
+
+
+def test_eval_split_uses_eval_batch_size_without_shuffle(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    _, schema = tiny_meta_schema
+    reader = ExposureReader(tiny_dataset, "valid", tiny_data_config, schema, with_retrieval=False)
+    batches = list(reader)
+    assert all(b.batch_size == tiny_data_config.eval_batch_size for b in batches)
+    assert sum(float(b.weights.sum()) for b in batches) == reader.rows
+    again = list(ExposureReader(tiny_dataset, "valid", tiny_data_config, schema, with_retrieval=False))
+    assert torch.equal(batches[0].sparse_features.values(), again[0].sparse_features.values())
+
+
+def test_open_dataset_returns_meta_and_schema(tiny_dataset, tiny_data_config):
+    meta, schema = open_dataset(tiny_dataset, tiny_data_config)
+    assert schema.history_length == tiny_data_config.history_length
+    assert schema.keys[0] == "user_id" and "item_id" in schema.keys
+    assert meta.u2i_dim == 6

@@ -1,0 +1,73 @@
+"""DIN target attention, MoE, the shared Mixer and its meta-device materialisation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from dig_torchrec.config import ModelConfig
+from dig_torchrec.modules.din import TargetAttention
+from dig_torchrec.modules.encoder import ItemEncoder
+from dig_torchrec.modules.mixer import Mixer
+from dig_torchrec.modules.moe import MixtureOfExperts
+
+
+def test_din_ignores_masked_history_and_empty_history_is_zero():
+    torch.manual_seed(0)
+    din = TargetAttention(target_dim=6, key_dim=4, hidden=[8])
+    target, keys = torch.randn(3, 6), torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = din(target, keys, mask)
+    keys2 = keys.clone()
+    keys2[~mask] = 100.0  # garbage in masked slots changes nothing
+    torch.testing.assert_close(din(target, keys2, mask), out)
+    assert torch.equal(out[1], torch.zeros(4))
+    # the output is a convex combination of the unmasked keys (softmax weights)
+    w = torch.linalg.lstsq(keys[0, [0, 1, 4]].t(), out[0][:, None]).solution.flatten()
+    assert torch.all(w > 0) and abs(float(w.sum()) - 1) < 1e-4
+
+
+def test_moe_is_gate_weighted_sum_of_experts():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(5, [6, 3], num_experts=3)
+    x = torch.randn(4, 5)
+    gates = torch.softmax(moe.gate(x), -1)
+    ref = sum(gates[:, e : e + 1] * moe.experts[e](x) for e in range(3))
+    torch.testing.assert_close(moe(x), ref)
+
+
+@pytest.mark.parametrize("low_rank", [0, 2])
+def test_mixer_builds_on_meta_and_dmp_style_materialisation_initialises_everything(low_rank, monkeypatch):
+    cfg = ModelConfig(embedding_dim=4, din_hidden=[8], cross_layers=2, cross_low_rank=low_rank,
+                      num_experts=2, expert_hidden=[8, 4])
+    mixer = Mixer(user_dim=8, target_dim=8, cross_feature_dim=3, key_dim=4, cfg=cfg, device="meta")
+    enc = ItemEncoder(num_fields=2, dim=4, num_layers=1, heads=2, device="meta")
+    model = nn.ModuleDict({"mixer": mixer, "encoder": enc})
+    assert all(p.is_meta for p in model.parameters())
+    # Every module owning parameters directly must be re-initialisable by DMP.
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert hasattr(module, "reset_parameters"), f"{name} ({type(module).__name__}) lacks reset_parameters"
+    # DMP allocates meta params with empty_like then calls reset_parameters: poison empty_like
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    DistributedModelParallel._init_parameters(SimpleNamespace(device=torch.device("cpu")), model)
+    monkeypatch.undo()
+    for name, p in model.named_parameters():
+        assert not p.is_meta and torch.isfinite(p).all(), f"{name} not initialised"
+    out = mixer(torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 3), torch.randn(5, 2, 4), torch.ones(5, 2, dtype=torch.bool))
+    assert out.shape == (5,) and torch.isfinite(out).all()
+
+
+def test_mixer_init_is_deterministic_under_seed():
+    cfg = ModelConfig(embedding_dim=4, din_hidden=[8], cross_layers=2, num_experts=2, expert_hidden=[8, 4])
+    torch.manual_seed(3)
+    a = Mixer(8, 8, 3, 4, cfg)
+    torch.manual_seed(3)
+    b = Mixer(8, 8, 3, 4, cfg)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n

@@ -1,0 +1,103 @@
+"""Residual quantizer: Eq. 2-4 assignment, EMA codebook updates, dead-code restarts, Eq. 11/12."""
+
+from __future__ import annotations
+
+import torch
+
+from dig_torchrec.modules.quantizer import ResidualQuantizer
+
+
+def _quantizer(**kw) -> ResidualQuantizer:
+    q = ResidualQuantizer(num_layers=2, num_codes=3, dim=2, decay=0.9, epsilon=1e-5, **kw)
+    q.codebooks.copy_(torch.tensor([[[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]], [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
+    return q
+
+
+def test_assignment_is_greedy_residual_argmin():
+    q = _quantizer()
+    x = torch.tensor([[4.2, 0.9], [0.1, 3.0], [0.2, -0.1]])
+    sids = q.assign(x)
+    assert sids.tolist() == [[1, 2], [2, 0], [0, 0]]
+    out = q(x)
+    # r_0 = x, r_1 = x - c_1, r_2 = r_1 - c_2 (Eq. 3)
+    torch.testing.assert_close(out.residuals[0], x)
+    torch.testing.assert_close(out.residuals[2][0], torch.tensor([0.2, -0.1]))
+
+
+def test_codebooks_are_buffers_without_grad_and_losses_reach_input_only():
+    q = _quantizer()
+    assert "codebooks" in dict(q.named_buffers()) and not list(q.parameters())
+    x = torch.randn(5, 2, requires_grad=True)
+    out = q(x)
+    mask = torch.ones(5, dtype=torch.bool)
+    (out.commitment_loss(mask) + out.semantic_loss(mask)).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not q.codebooks.requires_grad and q.codebooks.grad is None
+
+
+def test_commitment_and_semantic_loss_values():
+    q = _quantizer()
+    x = torch.tensor([[4.2, 0.9], [0.1, 3.0]])
+    out = q(x)
+    mask = torch.tensor([True, False])
+    r1, r2 = x[0] - torch.tensor([4.0, 0.0]), x[0] - torch.tensor([4.0, 1.0])
+    # Eq. 11: sum_l ||sg[c_l] - r_{l-1}||^2 = sum_l ||r_l||^2 (per-dimension mean, masked rows)
+    torch.testing.assert_close(out.commitment_loss(mask), (r1**2).mean() + (r2**2).mean())
+    # Eq. 12: ||e_v - hat e^(1:L)||^2 = ||r_L||^2
+    torch.testing.assert_close(out.semantic_loss(mask), (r2**2).mean())
+
+
+def test_ema_update_matches_hand_computation():
+    q = _quantizer(restart_dead_codes=False)
+    q.ema_primed.fill_(1)
+    q.ema_count.copy_(torch.tensor([[2.0, 1.0, 1.0], [1.0, 2.0, 1.0]]))
+    q.ema_sum.copy_(q.codebooks * q.ema_count[..., None])
+    count0, sum0 = q.ema_count.clone(), q.ema_sum.clone()
+    x = torch.tensor([[4.2, 0.9], [3.8, 1.1], [0.1, 3.0], [9.0, 9.0]])
+    mask = torch.tensor([True, True, True, False])
+    out = q(x)
+    q.ema_update(out, mask)
+    a, eps, k = 0.9, 1e-5, 3
+    # layer 1: tokens [1, 1, 2] for the unmasked rows, residual r_0 = x
+    n1 = torch.tensor([0.0, 2.0, 1.0])
+    s1 = torch.stack([torch.zeros(2), x[0] + x[1], x[2]])
+    # layer 2: r_1 = x - c_1 -> [0.2,0.9]->code 2, [-0.2,1.1]->2, [0.1,-1.0]->0
+    r1 = x[:3] - torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    n2 = torch.tensor([1.0, 0.0, 2.0])
+    s2 = torch.stack([r1[2], torch.zeros(2), r1[0] + r1[1]])
+    for layer, (n, s) in enumerate(((n1, s1), (n2, s2))):
+        count = a * count0[layer] + (1 - a) * n
+        total = a * sum0[layer] + (1 - a) * s
+        smoothed = (count + eps) / (count.sum() + k * eps) * count.sum()
+        torch.testing.assert_close(q.ema_count[layer], count)
+        torch.testing.assert_close(q.codebooks[layer], total / smoothed[:, None])
+
+
+def test_first_ema_step_rescales_init_fractions_to_batch_counts():
+    q = _quantizer(restart_dead_codes=False)
+    cb = q.codebooks.clone()
+    q.load_initial_codebooks(cb, torch.tensor([[0, 0], [1, 1], [1, 2], [2, 2]]))
+    torch.testing.assert_close(q.ema_count[0], torch.tensor([0.25, 0.5, 0.25]))
+    x = torch.zeros(8, 2)
+    out = q(x)
+    before = q.ema_count.clone()
+    q.ema_update(out, torch.ones(8, dtype=torch.bool))
+    n_batch = 8.0
+    expected = 0.9 * before[0] * n_batch + 0.1 * torch.tensor([8.0, 0.0, 0.0])
+    torch.testing.assert_close(q.ema_count[0], expected)
+
+
+def test_dead_codes_restart_onto_batch_residuals_and_are_counted():
+    q = _quantizer(dead_code_threshold=0.5)
+    q.ema_primed.fill_(1)
+    q.ema_count.copy_(torch.tensor([[5.0, 5.0, 0.01], [5.0, 5.0, 5.0]]))
+    q.ema_sum.copy_(q.codebooks * q.ema_count[..., None])
+    x = torch.tensor([[4.1, 0.2], [3.9, -0.1], [0.2, 0.1]])
+    out = q(x)
+    q.ema_update(out, torch.ones(3, dtype=torch.bool))
+    assert q.dead_restarts.tolist() == [1, 0]
+    restarted = q.codebooks[0, 2]
+    assert any(torch.allclose(restarted, r) for r in x)  # a residual r_0 of the batch
+    assert float(q.ema_count[0, 2]) == 1.0
+    stats = q.last_stats
+    assert stats["utilization"].shape == (2,) and 0 < float(stats["perplexity"][0]) <= 3
