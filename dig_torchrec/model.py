@@ -44,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from dig_torchrec.config import DIGConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchema
-from dig_torchrec.errors import ConfigError
+from dig_torchrec.errors import ConfigError, DataError
 from dig_torchrec.modules.mixer import Mixer
 from dig_torchrec.modules.tokenizer import DIGTokenizer
 from dig_torchrec.modules.u2t import U2TMLP, U2TStatTable, u2t_teacher
@@ -301,6 +301,10 @@ class DIGModel(nn.Module):
             hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
         hist_mask = self._history_mask(kjt)
         item_ids = kjt[ITEM_ID].values()
+        if item_ids.numel() != B + R:
+            raise DataError(
+                f"batch key '{ITEM_ID}' holds {item_ids.numel()} ids for {B + R} rows; every row needs exactly one item"
+            )
         row_weights = torch.cat([batch.weights, batch.retrieval_weights])
 
         # Eq. 1 and Eq. 2-4
@@ -319,9 +323,14 @@ class DIGModel(nn.Module):
 
         # which rows feed L_recall, the teacher and L_u2t
         if training and cfg.loss.recall_samples == "retrieval":
+            if R == 0:
+                raise DataError(
+                    "training batch has no retrieval rows (batch.retrieval_labels is empty) but "
+                    "loss.recall_samples=retrieval; read it with with_retrieval=True"
+                )
             rows = slice(B, B + R)
             u2i_r, labels_r, weights_r = batch.retrieval_u2i, batch.retrieval_labels, batch.retrieval_weights
-            user_norm_r = self.bn_u(e_u[rows]) if R > 0 else e_u[rows]
+            user_norm_r = self.bn_u(e_u[rows])
         else:
             rows = slice(0, B)
             u2i_r, labels_r, weights_r = batch.u2i, batch.labels, batch.weights
@@ -376,7 +385,7 @@ class DIGModel(nn.Module):
             recall_logits=recall_logits.detach(),
             recall_labels=labels_r,
             recall_weights=weights_r,
-            tokenizer_metrics=self.tokenizer.metrics(),
+            tokenizer_metrics=self.tokenizer.metrics(q.sids[real_rows]),
         )
         return {
             **losses, "recall_per_layer": per_layer, "e_v": e_v, "e_sid": e_sid, "u2t_hat": u2t_hat,

@@ -109,15 +109,11 @@ def test_item_features_correlate_with_item_factors():
 
 
 def test_chunked_multiprocess_generation_is_deterministic(tmp_path):
-    one = generate(preset("micro", chunk_rows=100_000), tmp_path / "one", processes=1)
     many = generate(preset("micro", chunk_rows=2500), tmp_path / "many", processes=2)
     assert many["chunks"] > 1
     assert len(list((tmp_path / "many" / "train").glob("*.parquet"))) == many["chunks"]
-    # chunks are user ranges: the row multiset of every split is the same regardless of chunking
-    # except for per-chunk RNG streams; check the contract-level invariants instead
-    for root in (tmp_path / "one", tmp_path / "many"):
-        t = pa.concat_tables([_table(root, s) for s in ("train", "valid", "test")])
-        assert t.num_rows == sum(generate.__globals__["rows_per_user"](preset("micro")))
+    rows = pa.concat_tables([_table(tmp_path / "many", s) for s in ("train", "valid", "test")]).num_rows
+    assert rows == sum(generate.__globals__["rows_per_user"](preset("micro")))
     again = generate(preset("micro", chunk_rows=2500), tmp_path / "again", processes=1)
     assert again["rows"] == many["rows"]
     a = _table(tmp_path / "many", "train").sort_by([("user_id", "ascending"), ("timestamp", "ascending")])

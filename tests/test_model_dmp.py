@@ -1,4 +1,5 @@
-"""The model built on ``meta``, sharded by DMP on 2 gloo ranks, trains on data-layer batches."""
+"""The model built on ``meta``, sharded by DMP on 2 gloo ranks, trains on data-layer batches
+(directly and through ``TrainPipelineSparseDist``); tokenizer buffers stay identical across ranks."""
 
 from __future__ import annotations
 
@@ -71,8 +72,16 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         items = ItemTable.load(root, schema, meta)
         inner.initialize_tokenizer(inner.corpus_item_representations(items, batch_size=64))
         inner.train()
+        step()
+        # the rest through TrainPipelineSparseDist: the embedding_bags call gets pipelined
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"))
         for _ in range(3):
-            step()
+            out = pipeline.progress(batches)
+            assert torch.isfinite(out.losses["total"]) and float(out.losses["recall"]) > 0
+        assert inner.embedding_bags.is_pipelined, "embedding_bags was not pipelined"
+        pipeline.detach()
         q = inner.tokenizer.quantizer
         for name, buf in (("codebooks", q.codebooks), ("item_sid_table", inner.tokenizer.item_sid_table),
                           ("ema_count", q.ema_count), ("u2i_sum", inner.u2t_stats.u2i_sum)):

@@ -30,7 +30,7 @@ from dig_torchrec.modules.balanced_kmeans import (
     resolve_last_layer_collisions,
 )
 from dig_torchrec.modules.encoder import ItemEncoder
-from dig_torchrec.modules.quantizer import QuantizerOutput, ResidualQuantizer, _dist_ready
+from dig_torchrec.modules.quantizer import QuantizerOutput, ResidualQuantizer, _dist_ready, _usage_stats
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class DIGTokenizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("init_collision_rate", torch.zeros((), device=device))  # Eq. 2 right after init
         self._collision_rate: Optional[float] = None
+        self._step_stats: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def is_initialized(self) -> bool:
@@ -94,6 +95,7 @@ class DIGTokenizer(nn.Module):
         if self.cfg.frozen or not self.is_initialized:
             return
         self.quantizer.ema_update(out, mask)
+        self._step_stats = self.quantizer.last_stats
         ids, sids = item_ids[mask], out.sids[mask]
         if _dist_ready():
             ids, sids = _all_gather_rows(ids, sids)
@@ -163,10 +165,19 @@ class DIGTokenizer(nn.Module):
             self._collision_rate = collision_rate(self.item_sid_table, self.num_codes) if self.is_initialized else 0.0
         return self._collision_rate
 
-    def metrics(self) -> Dict[str, torch.Tensor]:
-        """Per-layer utilisation / perplexity (last EMA batch), cumulative dead-code restarts, collisions."""
+    def metrics(self, batch_sids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Per-layer utilisation / perplexity, cumulative dead-code restarts, collision rates.
+
+        Utilisation (fraction of the K codes used) and perplexity come from this step's EMA
+        statistics (all ranks) when an EMA step just ran, else from ``batch_sids [N, L]``.
+        """
         out: Dict[str, torch.Tensor] = {}
-        stats = self.quantizer.last_stats
+        stats = self._step_stats
+        self._step_stats = None
+        if stats is None and batch_sids is not None and batch_sids.numel():
+            offsets = torch.arange(self.num_layers, device=batch_sids.device)[None] * self.num_codes
+            counts = torch.bincount((batch_sids + offsets).flatten(), minlength=self.num_layers * self.num_codes)
+            stats = _usage_stats(counts.view(self.num_layers, self.num_codes).float())
         for layer in range(self.num_layers):
             if stats:
                 out[f"utilization_l{layer + 1}"] = stats["utilization"][layer].detach()

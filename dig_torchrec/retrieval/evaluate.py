@@ -113,8 +113,20 @@ def load_inference_bundle(
     if not ckpt.exists():
         raise CheckpointError(f"checkpoint directory not found: {ckpt}")
     model, cfg, _ = load_for_inference(ckpt)
+    ckpt = _resolved_dir(ckpt)
     cfg = apply_overrides(cfg, overrides)
     return bundle_from_model(model, cfg, ckpt, rebuild_index=rebuild_index, save_index=save_index)
+
+
+def _resolved_dir(path: Path) -> Path:
+    """The concrete checkpoint a run directory stands for (its newest complete one), so the
+    SID index lands next to the checkpoint it was built from; bundles are returned as is."""
+    try:
+        from dig_torchrec.training.loading import resolve_checkpoint
+
+        return Path(resolve_checkpoint(path))
+    except (ImportError, CheckpointError):
+        return path
 
 
 def bundle_from_model(

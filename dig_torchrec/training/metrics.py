@@ -1,8 +1,8 @@
 """Training and validation metrics, aggregated across ranks.
 
 * rank AUC (exposure rows, Eq. 6 logits) and recall AUC per SID layer l = 1..L (Eq. 7
-  logits): torchmetrics ``BinaryAUROC`` with a binned confusion-matrix state, so the
-  cross-rank sync is one all-reduce and memory stays constant however long the window;
+  logits) from binned score histograms (:class:`BinnedAUC`), so the cross-rank sync is one
+  all-reduce and memory stays constant however long the window;
 * every loss term of Eq. 8 (``total, rank, recall, commit, sem, u2t``), averaged over the
   window and the ranks;
 * tokenizer health from the model (per-layer codebook utilization and perplexity,
@@ -25,11 +25,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from torchmetrics.classification import BinaryAUROC
 
 logger = logging.getLogger(__name__)
 
-AUC_THRESHOLDS = 2048  # bins of the AUC's confusion-matrix state (error ~1e-3)
+AUC_THRESHOLDS = 4096  # histogram bins of each AUC (score resolution 2.4e-4)
 
 
 def _reduce_device() -> torch.device:
@@ -61,21 +60,58 @@ def flatten_metric(name: str, value: Any) -> Dict[str, float]:
     return {}
 
 
+class BinnedAUC:
+    """ROC AUC from per-bin positive/negative counts of sigmoid scores (Mann-Whitney with bins).
+
+    Same statistic as torchmetrics' binned ``BinaryAUROC``; written here because its update
+    materialises an ``[N, thresholds]`` tensor under ``torch.use_deterministic_algorithms``
+    (``train.deterministic=true``), while two ``bincount`` histograms stay O(bins).
+
+    Args:
+        bins: histogram bins over [0, 1].
+    """
+
+    def __init__(self, bins: int = AUC_THRESHOLDS) -> None:
+        self.bins = bins
+        self.counts = torch.zeros(2, bins, dtype=torch.float64)  # row 0: negatives, row 1: positives
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        scores, labels = scores.detach().cpu(), labels.detach().cpu()
+        finite = torch.isfinite(scores)  # a skipped (NaN) step must not poison the window
+        scores, labels = scores[finite], labels[finite]
+        idx = (scores.double().clamp(0.0, 1.0) * (self.bins - 1)).round().long()
+        lab = (labels > 0.5).long()
+        self.counts += torch.bincount(lab * self.bins + idx, minlength=2 * self.bins).view(2, self.bins).double()
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+
+def auc_from_counts(counts: torch.Tensor) -> float:
+    """AUC from ``[2, bins]`` (negative, positive) histograms; NaN when a class is missing."""
+    neg, pos = counts[0].double(), counts[1].double()
+    n_neg, n_pos = float(neg.sum()), float(pos.sum())
+    if n_neg <= 0 or n_pos <= 0:
+        return float("nan")
+    neg_below = torch.cumsum(neg, 0) - neg  # negatives in strictly lower bins
+    wins = (pos * (neg_below + 0.5 * neg)).sum()  # ties inside a bin count half
+    return float(wins / (n_pos * n_neg))
+
+
 class AUCSet:
     """Rank AUC plus one recall AUC per SID layer, over masked (weight > 0) rows.
 
     Args:
         num_layers: L, the number of SID layers.
-        thresholds: bins of each AUC's state.
+        bins: histogram bins of each AUC.
     """
 
-    def __init__(self, num_layers: int, thresholds: int = AUC_THRESHOLDS) -> None:
+    def __init__(self, num_layers: int, bins: int = AUC_THRESHOLDS) -> None:
         self.num_layers = num_layers
-        # sync_on_compute=False: we all-reduce the states ourselves in one call
-        self.rank_auc = BinaryAUROC(thresholds=thresholds, sync_on_compute=False)
-        self.recall_auc = [BinaryAUROC(thresholds=thresholds, sync_on_compute=False) for _ in range(num_layers)]
+        self.rank_auc = BinnedAUC(bins)
+        self.recall_auc = [BinnedAUC(bins) for _ in range(num_layers)]
 
-    def _metrics(self) -> List[BinaryAUROC]:
+    def _metrics(self) -> List[BinnedAUC]:
         return [self.rank_auc, *self.recall_auc]
 
     def update(self, output: Any) -> None:
@@ -83,44 +119,23 @@ class AUCSet:
         logits = getattr(output, "rank_logits", None)
         if logits is not None and logits.numel():
             mask = output.weights > 0
-            self.rank_auc.update(torch.sigmoid(logits[mask].detach().float()).cpu(), output.labels[mask].long().cpu())
+            self.rank_auc.update(torch.sigmoid(logits[mask].float()), output.labels[mask])
         rec = getattr(output, "recall_logits", None)
         if rec is not None and rec.numel():
             mask = output.recall_weights > 0
-            labels = output.recall_labels[mask].long().cpu()
+            labels = output.recall_labels[mask]
             for layer in range(min(self.num_layers, rec.shape[0])):
-                self.recall_auc[layer].update(torch.sigmoid(rec[layer][mask].detach().float()).cpu(), labels)
+                self.recall_auc[layer].update(torch.sigmoid(rec[layer][mask].float()), labels)
 
     def compute(self) -> Dict[str, float]:
-        """Cross-rank AUCs (collective). NaN when a window saw only one class."""
-        states = torch.stack([m.confmat for m in self._metrics()]).long()
-        states = all_reduce_sum(states)
-        out: Dict[str, float] = {}
+        """Cross-rank AUCs (collective: one all-reduce of the histograms). NaN when a window saw one class."""
+        states = all_reduce_sum(torch.stack([m.counts for m in self._metrics()]))
         names = ["rank_auc", *[f"recall_auc_l{l + 1}" for l in range(self.num_layers)]]
-        for name, metric, confmat in zip(names, self._metrics(), states):
-            out[name] = _auc_from_confmat(confmat, metric.thresholds)
-        return out
+        return {name: auc_from_counts(counts) for name, counts in zip(names, states)}
 
     def reset(self) -> None:
         for m in self._metrics():
             m.reset()
-
-
-def _auc_from_confmat(confmat: torch.Tensor, thresholds: torch.Tensor) -> float:
-    """ROC AUC from a binned [T, 2, 2] confusion matrix (tn, fp / fn, tp per threshold)."""
-    confmat = confmat.double()
-    tp = confmat[:, 1, 1]
-    fn = confmat[:, 1, 0]
-    fp = confmat[:, 0, 1]
-    tn = confmat[:, 0, 0]
-    pos = tp[0] + fn[0]
-    neg = fp[0] + tn[0]
-    if pos <= 0 or neg <= 0:
-        return float("nan")
-    tpr = torch.cat([torch.ones(1, dtype=torch.float64), tp / pos, torch.zeros(1, dtype=torch.float64)])
-    fpr = torch.cat([torch.ones(1, dtype=torch.float64), fp / neg, torch.zeros(1, dtype=torch.float64)])
-    # thresholds ascend, so (fpr, tpr) run from (1, 1) down to (0, 0): integrate with the sign flipped
-    return float(-torch.trapezoid(tpr, fpr))
 
 
 class MeanSet:
