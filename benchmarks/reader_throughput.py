@@ -68,39 +68,57 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--negatives", type=int, default=4)
     p.add_argument("--workers", default="0,2", help="comma-separated data.num_workers values to measure")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--positives", default="0,256",
+                   help="comma-separated data.retrieval_positives values (0: batch_size // 2, the default); "
+                        "the first is measured for every --workers value, the others with workers=0")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader_throughput.json"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     root = Path(args.data)
     if not (root / "meta.json").exists():
         logger.info("generating %s (%s rows) at %s", args.preset, args.rows or "preset", root)
         generate(preset(args.preset, num_rows=args.rows), root)
     info = machine_info()
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    cfgs = {w: DataConfig(path=str(root), batch_size=args.batch_size, history_length=20, num_workers=w,
-                          negatives_per_positive=args.negatives) for w in workers}
-    meta, schema = open_dataset(root, cfgs[workers[0]])
-    columns = ExposureReader(root, "train", cfgs[workers[0]], schema)._columns()
-    times: Dict[str, List[float]] = {"raw": [], **{f"reader_w{w}": [] for w in workers}}
+    positives = [int(x) for x in args.positives.split(",") if x.strip()]
+
+    def cfg_for(w: int, p_slots: int) -> DataConfig:
+        return DataConfig(path=str(root), batch_size=args.batch_size, history_length=20, num_workers=w,
+                          negatives_per_positive=args.negatives, retrieval_positives=p_slots)
+
+    cfgs: Dict[str, DataConfig] = {f"reader_w{w}": cfg_for(w, positives[0]) for w in workers}
+    cfgs.update({f"reader_w0_p{p_slots}": cfg_for(0, p_slots) for p_slots in positives[1:]})
+    first = next(iter(cfgs.values()))
+    meta, schema = open_dataset(root, first)
+    columns = ExposureReader(root, "train", first, schema).decoder.columns()
+    times: Dict[str, List[float]] = {"raw": [], **{k: [] for k in cfgs}}
+    cpu: Dict[str, List[float]] = {k: [] for k in times}
     rows: Dict[str, int] = {}
     for rep in range(args.repeats):
         for name in times:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if name == "raw":
                 n = raw_scan(root, columns)
             else:
-                n = reader_pass(root, cfgs[int(name.split("_w")[1])], schema)
+                n = reader_pass(root, cfgs[name], schema)
             dt = time.perf_counter() - t0
             times[name].append(dt)
+            cpu[name].append(time.process_time() - c0)
             rows[name] = n
             logger.info("repeat %d %-10s %9d rows %7.2fs %10.0f rows/s", rep, name, n, dt, n / dt)
     med = {k: statistics.median(v) for k, v in times.items()}
     rate = {k: rows[k] / med[k] for k in med}
     result = {
         "dataset": str(root), "train_rows": rows["raw"], "columns": columns, "batch_size": args.batch_size,
-        "retrieval": {"positives_per_batch": args.batch_size // 2, "negatives_per_positive": args.negatives},
+        "retrieval": {"positives_per_batch": {k: c.retrieval_positives or args.batch_size // 2 for k, c in cfgs.items()},
+                      "negatives_per_positive": args.negatives},
         "repeats": args.repeats, "seconds": times, "median_seconds": med, "rows_per_second": rate,
         "ratio_to_raw": {k: rate[k] / rate["raw"] for k in rate if k != "raw"}, "goal_ratio": 0.5,
+        # CPU seconds of this process (all its threads; DataLoader worker processes excluded):
+        # on a shared host this is the contention-robust cost of a pass
+        "cpu_seconds": cpu,
+        "rows_per_cpu_second": {k: rows[k] / statistics.median(v) for k, v in cpu.items()
+                                if k == "raw" or cfgs[k].num_workers == 0},
         "machine": {**info, "loadavg_end": list(os.getloadavg())},
         "note": "raw = pyarrow.dataset scan of the same files/columns (multithreaded arrow decode, no batch "
                 "building); reader = ExposureReader epoch incl. shuffle, KJT, retrieval negatives and their u2i",

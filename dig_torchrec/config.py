@@ -34,6 +34,7 @@ class DataConfig:
     negative_sampling: str = "uniform"  # uniform | popularity
     popularity_alpha: float = 0.75  # popularity-smoothed draw: p(v) ~ count(v)^alpha
     hash_ids: bool = False  # hash ids beyond the table size instead of erroring
+    u2i_dim: int = 0  # d_c the run expects; 0: take meta.json's u2i_dim (checked before training)
     seed: int = 0
 
 

@@ -51,7 +51,8 @@ def test_synthetic_batches_follow_the_schema() -> None:
     assert kjt.keys() == schema.keys and kjt.stride() == 26
     for key, jt in kjt.to_dict().items():
         card = schema.cardinality[schema.table_for_key(key)]
-        assert int(jt.values().min(initial=0)) >= 0 and int(jt.values().max(initial=0)) < card
+        v = jt.values()
+        assert v.numel() == 0 or (int(v.min()) >= 0 and int(v.max()) < card)
         assert set(jt.lengths().tolist()) <= ({0, 1} if key.startswith("hist_") else {1})
     assert batch.u2i.shape == (16, meta.u2i_dim) and batch.retrieval_u2i.shape == (10, meta.u2i_dim)
     assert batch.retrieval_labels.tolist() == [1, 0, 0, 0, 0] * 2  # one click, then 4 negatives per slot
@@ -164,3 +165,13 @@ def test_beam_search_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert m["beam_b16"]["scored_pairs_per_user"] < m["beam_b64"]["scored_pairs_per_user"] <= 600
     assert m["exhaustive"]["scored_pairs_per_user"] == res["details"][-1]["collisions"]["occupied_leaves"]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_dig_bench_finds_every_script() -> None:
+    from dig_torchrec.bench import SCRIPTS, script_path
+    from dig_torchrec.errors import ConfigError
+
+    for name, file in SCRIPTS.items():
+        assert script_path(name) == ROOT / "benchmarks" / file
+    with pytest.raises(ConfigError, match="unknown benchmark"):
+        script_path("nope")

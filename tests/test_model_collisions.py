@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -65,6 +66,10 @@ def measure(root: str, steps: int, num_codes: int, num_layers: int, init_after: 
             loss.backward()
             opt.step()
             step += 1
+            if step % 25 == 0:
+                logging.getLogger(__name__).info("step %d loss %.4f collisions %.4f (%.0fs)", step,
+                                                 float(out.losses["total"]), float(out.tokenizer_metrics["collision_rate"]),
+                                                 time.time() - t0)
             if step > init_after and step % 50 == 0:
                 curve.append({"step": step, "table_collisions": float(out.tokenizer_metrics["collision_rate"]),
                               "loss": float(out.losses["total"])})
@@ -103,10 +108,12 @@ def main() -> None:
     p.add_argument("--init-after", type=int, default=50)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--include-item-id", default="true")
+    p.add_argument("--batch-size", type=int, default=512)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     over = {"tokenizer": {"include_item_id": args.include_item_id == "true"}}
     print(json.dumps(measure(args.data, args.steps, args.codes, args.layers, args.init_after, args.dim,
-                             overrides=over), indent=1))
+                             batch_size=args.batch_size, overrides=over), indent=1))
 
 
 if __name__ == "__main__":

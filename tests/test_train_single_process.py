@@ -50,6 +50,9 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_dataset: Path, tmp_pat
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert any("embedding_bags" in k for k in full)  # sharded tables were compared too
+    # the pipeline prefetched embedding_bags' input dist; sid_embedding_bags ran unpipelined
+    pipelined = trainer.pipeline._pipelined_modules
+    assert len(pipelined) == 1 and pipelined[0] is trainer.dig.embedding_bags
 
 
 def _poison(trainer, at_call: int) -> None:

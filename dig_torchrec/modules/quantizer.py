@@ -171,6 +171,9 @@ class ResidualQuantizer(nn.Module):
             packed = torch.cat([counts[..., None], sums], -1)
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             counts, sums = packed[..., 0], packed[..., 1:]
+        if float(counts.sum()) == 0.0:  # no real row on any rank: keep every code (EMA never divides by 0)
+            self.last_stats = _usage_stats(counts)
+            return
         a = self.decay
         if int(self.ema_primed) == 0:
             self.ema_count.mul_(counts.sum(1, keepdim=True))

@@ -323,7 +323,7 @@ def retrieve_topn(
                     out_items["beam"].append(it)
                     out_scores["beam"].append(s)
                     out_leaves["beam"].append(beam.codes)
-                    seconds["beam"] += t_beam + 0.0
+                    seconds["beam"] += t_beam
                     scored["beam"] += beam.num_scored
                 if "unified" in modes:
                     t0 = time.perf_counter()

@@ -39,6 +39,7 @@ import yaml
 from dig_torchrec.config import DIGConfig, config_from_dict, flatten, save_config
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.errors import CheckpointError, ConfigError, NumericalError
+from dig_torchrec.training.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +381,7 @@ class CheckpointManager:
             part = tmp / RANK_STATE_DIR / f"rank-{self.rank}.pt.part"
             torch.save(rank_state, part)
             os.replace(part, tmp / RANK_STATE_DIR / f"rank-{self.rank}.pt")
+        fault_point("checkpoint_save", step, self.rank)  # test-only: die before COMPLETE (training/faults.py)
         self._barrier()
         if self.rank == 0:
             save_config(config, tmp / CONFIG_FILE)

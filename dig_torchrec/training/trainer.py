@@ -8,7 +8,8 @@ Wiring (after torchrec's DLRM example):
    config (``dig_torchrec.distributed.planner``); rank 0 logs the plan.
 3. ``DistributedModelParallel`` shards the tables and wraps the dense part in DDP.
 4. Dense Adam via ``KeyedOptimizerWrapper``; both joined in ``CombinedOptimizer``.
-5. ``DIGTrainPipeline`` (``TrainPipelineSparseDist``) runs the steps.
+5. ``TrainPipelineSparseDist`` runs the steps (the model's forward is fx-traceable up to
+   the ``embedding_bags`` call, whose input all-to-all is prefetched).
 
 The loop runs in *segments* that end at every event step (tokenizer init, validation,
 checkpoint, epoch end, the last step). The pipeline prefetches two batches ahead; ending
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from tqdm import tqdm
 
@@ -44,12 +46,13 @@ from dig_torchrec.config import DIGConfig, save_config
 from dig_torchrec.data.batch import DIGBatch
 from dig_torchrec.data.reader import ExposureReader, open_dataset
 from dig_torchrec.distributed.env import DistEnv, init_distributed, shutdown
-from dig_torchrec.distributed.pipeline import DIGTrainPipeline
 from dig_torchrec.distributed.planner import default_sharders, describe_plan, plan_sharding, plan_sharding_types
 from dig_torchrec.distributed.sync import average_batchnorm_stats
 from dig_torchrec.errors import NumericalError
 from dig_torchrec.model import DIGModel, DIGOutput
 from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible, check_run_dir, check_sharding
+from dig_torchrec.training import accounting, faults, preflight
+from dig_torchrec.training.guards import check_loss_terms
 from dig_torchrec.training.metrics import AUCSet, MeanSet, MetricsLogger, TrainMetrics, format_metrics, output_scalars
 from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer
 
@@ -94,6 +97,9 @@ class Trainer:
     def __init__(self, cfg: DIGConfig, resume: Optional[str] = None, env: Optional[DistEnv] = None) -> None:
         self.cfg = cfg
         self.resume = resume
+        # fail before joining the process group or writing anything (training/preflight.py)
+        preflight.run_preflight(cfg, resume=resume, world_size=env.world_size if env else None,
+                                device_type=env.device.type if env else None)
         self.env = env or init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.train.run_dir)
         self.is_rank0 = self.env.is_rank_zero
@@ -139,15 +145,18 @@ class Trainer:
         self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
         self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank, world_size=env.world_size)
-        self.train_reader = ExposureReader(
+        self.train_reader = accounting.RowAccounting(ExposureReader(
             cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
-        )
+        ), self.run_dir, self.schema)  # per-epoch row counts + fingerprint (training/accounting.py)
         self.valid_reader: Optional[ExposureReader] = None
         steps_per_epoch = self.train_reader.num_batches
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
         self.metrics = TrainMetrics(cfg.tokenizer.num_layers)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0)
-        self.pipeline = DIGTrainPipeline(self.model, self.optimizer, env.device, custom_model_fwd=self._guarded_forward)
+        # DIGModel.forward calls embedding_bags(batch.sparse_features) first and hides the rest
+        # behind torch.fx.wrap, so the pipeline prefetches that call's input all-to-all;
+        # sid_embedding_bags (fed by SIDs computed in the step) runs unpipelined inside it.
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, custom_model_fwd=self._guarded_forward)
         # after the model is built: per-rank streams for dropout / sampling
         seed_everything(cfg.train.seed + 1000 * env.rank + 1)
         if self.is_rank0:
@@ -197,28 +206,31 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, reader.epoch)
 
     # ================================================================== step
+    def _float_buffers(self) -> Dict[str, torch.Tensor]:
+        """Floating-point buffers the forward pass updates (BN stats, codebook EMA, u2t stats)."""
+        return {k: b for k, b in self.dig.named_buffers() if b.is_floating_point() and b.numel() < 50_000_000}
+
     def _guarded_forward(self, batch: Optional[DIGBatch]) -> Tuple[torch.Tensor, DIGOutput]:
-        """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward."""
+        """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward.
+
+        ``skip``: the forward's buffer updates are rolled back and backward runs on a zero
+        loss over the dense parameters only, so neither the fused (in-backward) sparse
+        optimizer nor Adam moves, and DDP still sees every parameter's gradient.
+        """
+        training = self.model.training
+        skip_policy = training and self.cfg.train.nan_policy == "skip"
+        snapshot = {k: b.clone() for k, b in self._float_buffers().items()} if skip_policy else {}
         loss, output = self.model(batch)
-        if not self.model.training:
+        if not training:
             return loss, output
-        names = list(output.losses)
-        bad = torch.tensor([0 if bool(torch.isfinite(output.losses[k]).all()) else 1 for k in names], dtype=torch.int32)
-        if dist.is_initialized() and self.env.world_size > 1:
-            reduced = bad.to(self.env.device)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-            bad = reduced.cpu()
-        if int(bad.max()):
-            terms = [n for n, b in zip(names, bad.tolist()) if b and n != "total"] or ["total"]
-            step = self.step + 1
-            if self.cfg.train.nan_policy == "error":
-                raise NumericalError(
-                    f"step {step}: non-finite loss term '{terms[0]}' (train.nan_policy=error; "
-                    f"set train.nan_policy=skip to skip such batches)"
-                )
-            logger.warning("step %d: non-finite loss term(s) %s: skipping the batch", step, ", ".join(terms))
+        # all ranks agree; raises NumericalError under nan_policy=error (training/guards.py)
+        if check_loss_terms(self.step + 1, output.losses, self.cfg.train.nan_policy):
+            with torch.no_grad():
+                for name, buf in self._float_buffers().items():
+                    buf.copy_(snapshot[name])
             self.dense_optimizer.skip_next = True
-            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0  # zero gradients, graph intact
+            dense = [p for p in self.dense_optimizer.params.values() if p.requires_grad]
+            loss = torch.stack([p.sum() for p in dense]).sum() * 0.0  # no path to the embedding tables
         return loss, output
 
     # ================================================================== tokenizer init
@@ -435,6 +447,7 @@ class Trainer:
             except StopIteration:
                 return
             self.step += 1
+            faults.fault_point("step", self.step, self.env.rank)  # test-only fault injection
             self.metrics.update(output)
             yield None
 

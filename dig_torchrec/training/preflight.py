@@ -1,0 +1,189 @@
+"""Checks that run before any training starts, so a bad run fails in seconds, not after hours.
+
+:func:`run_preflight` is called by :class:`~dig_torchrec.training.trainer.Trainer` before
+it joins the process group or writes anything to ``run_dir``. Each check raises a
+:class:`~dig_torchrec.errors.DIGError` whose one-line message names the config key, the
+file/column or the split at fault:
+
+============================  =========================================================
+check                          error
+============================  =========================================================
+dataset opens and validates    ``DataError`` naming file + column (+ row) (data layer)
+K^L >= catalog                 ``ConfigError`` naming ``tokenizer.num_codes/num_layers``
+d_c matches the data           ``ConfigError`` naming ``data.u2i_dim``
+sharding valid on the device   ``ConfigError`` naming ``sharding.constraints.<table>``
+every rank gets rows           ``ConfigError`` naming the split and ``data.num_workers``
+``--resume`` target            ``CheckpointError``: missing dir, incomplete, other config
+``run_dir`` writable, disk     ``ConfigError`` naming ``run_dir`` / ``train.min_free_disk_mb``
+============================  =========================================================
+
+The order matters: everything that can fail runs before the first write (the run-dir
+probe is last), so a rejected command leaves an existing run directory untouched.
+(``data.batch_size=0`` and other impossible scalars are rejected even earlier, by
+``load_config``.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from dig_torchrec.config import DIGConfig
+from dig_torchrec.data.reader import assign_slots, list_row_groups, open_dataset
+from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
+from dig_torchrec.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreflightReport:
+    """What the checks found (logged on rank 0; handy in tests).
+
+    Args:
+        meta: the dataset metadata.
+        schema: the feature layout for ``data.history_length``.
+        slot_rows: split -> rows of each reader slot (rank-major).
+        resume_from: the checkpoint ``--resume`` resolves to, or None.
+        free_disk_mb: free space on the run directory's disk.
+    """
+
+    meta: DatasetMeta
+    schema: FeatureSchema
+    slot_rows: Dict[str, List[int]] = field(default_factory=dict)
+    resume_from: Optional[Path] = None
+    free_disk_mb: int = 0
+
+
+def _device_type(preference: str) -> str:
+    """``cpu`` or ``cuda`` as :func:`dig_torchrec.distributed.env.select_device` will choose."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def check_catalog(cfg: DIGConfig, meta: DatasetMeta) -> None:
+    """K^L >= catalog size: the SID tree must have a leaf for every item (paper §3.2)."""
+    from dig_torchrec.modules.balanced_kmeans import check_catalog_fits
+
+    check_catalog_fits(meta.num_items, cfg.tokenizer.num_codes, cfg.tokenizer.num_layers)
+
+
+def check_u2i_dim(cfg: DIGConfig, meta: DatasetMeta) -> None:
+    """``data.u2i_dim`` (when set) must equal the dataset's d_c (meta.json ``u2i_dim``)."""
+    want = cfg.data.u2i_dim
+    if want != 0 and want != meta.u2i_dim:
+        raise ConfigError(
+            f"config key 'data.u2i_dim' = {want} but the dataset at '{cfg.data.path}' has d_c = {meta.u2i_dim} "
+            f"(meta.json u2i_dim); set data.u2i_dim={meta.u2i_dim} or 0"
+        )
+
+
+def check_sharding_constraints(cfg: DIGConfig, meta: DatasetMeta, device_type: str) -> None:
+    """Every table's allowed sharding types exist and run on ``device_type`` (row_wise needs CUDA).
+
+    Builds the model on ``meta`` (no memory) only to learn its table names.
+    """
+    from dig_torchrec.distributed.planner import embedding_tables, resolve_sharding_types
+    from dig_torchrec.model import DIGModel
+
+    model = DIGModel(cfg, meta, device="meta")
+    resolve_sharding_types(cfg.sharding, embedding_tables(model), device_type)
+
+
+def check_work_split(cfg: DIGConfig, world_size: int, split: str, *, required: bool = True) -> List[int]:
+    """Every reader slot (``world_size x max(1, data.num_workers)``) gets at least one row group.
+
+    The reader assigns whole row groups to slots; an empty slot means a rank (or worker)
+    that only steps on padding. Returns the rows of each slot.
+
+    Args:
+        cfg: the resolved config.
+        world_size: ranks in the job.
+        split: ``train`` (required) or ``valid`` (a warning only: validation still aggregates).
+        required: raise instead of warning.
+    """
+    if not required and not (Path(cfg.data.path) / split).exists():
+        return []
+    groups = list_row_groups(Path(cfg.data.path) / split)
+    workers = max(1, cfg.data.num_workers)
+    slots = world_size * workers
+    rows = [sum(g.num_rows for g in s) for s in assign_slots(groups, slots)]
+    empty = [i for i, r in enumerate(rows) if r == 0]
+    if empty:
+        rank, worker = divmod(empty[0], workers)
+        msg = (
+            f"split '{split}' of '{cfg.data.path}' has {len(groups)} row group(s) but the job reads it with "
+            f"{slots} slots (world size {world_size} x max(1, data.num_workers={cfg.data.num_workers})): rank {rank}"
+            f"{f' worker {worker}' if workers > 1 else ''} would get no rows; use at most {len(groups)} slots or "
+            f"rewrite the split with smaller row groups"
+        )
+        if required:
+            raise ConfigError(msg)
+        logger.warning("%s", msg)
+    return rows
+
+
+def check_resume(cfg: DIGConfig, meta: DatasetMeta, resume: Optional[str]) -> Optional[Path]:
+    """Resolve ``--resume`` and check the checkpoint's model config against this one.
+
+    Raises :class:`CheckpointError` for a missing or incomplete directory and for a
+    checkpoint whose model keys (shapes) or table sizes differ, naming the key.
+    """
+    from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible
+
+    path = CheckpointManager(cfg.train.run_dir, cfg.train.keep_latest_k).resolve(resume)
+    if path is not None:
+        check_compatible(path, cfg, meta, for_training=True)
+    return path
+
+
+def check_run_dir_writable(cfg: DIGConfig) -> int:
+    """``run_dir`` can be created and written, and its disk has ``train.min_free_disk_mb`` free.
+
+    Returns the free space in MB.
+    """
+    import shutil
+
+    from dig_torchrec.training.checkpoint import check_run_dir
+
+    check_run_dir(cfg.train.run_dir, cfg.train.min_free_disk_mb)
+    return int(shutil.disk_usage(cfg.train.run_dir).free // (1 << 20))
+
+
+def run_preflight(
+    cfg: DIGConfig,
+    *,
+    resume: Optional[str] = None,
+    world_size: Optional[int] = None,
+    device_type: Optional[str] = None,
+) -> PreflightReport:
+    """Run every check (see the module docstring); raise the first failure.
+
+    Args:
+        cfg: the resolved config.
+        resume: the ``--resume`` argument (None, ``auto`` or a checkpoint directory).
+        world_size: ranks in the job; default the launcher's ``WORLD_SIZE`` (1 without one).
+        device_type: ``cpu``/``cuda``; default what ``train.device`` resolves to.
+    """
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    device = device_type or _device_type(cfg.train.device)
+    meta, schema = open_dataset(cfg.data.path, cfg.data)
+    check_catalog(cfg, meta)
+    check_u2i_dim(cfg, meta)
+    check_sharding_constraints(cfg, meta, device)
+    report = PreflightReport(meta=meta, schema=schema)
+    report.slot_rows["train"] = check_work_split(cfg, world, "train", required=True)
+    report.slot_rows["valid"] = check_work_split(cfg, world, "valid", required=False)
+    report.resume_from = check_resume(cfg, meta, resume)
+    report.free_disk_mb = check_run_dir_writable(cfg)  # last: the first check that writes
+    logger.debug(
+        "preflight ok: %d train rows over %d slots, resume=%s, %d MB free",
+        sum(report.slot_rows["train"]), len(report.slot_rows["train"]), report.resume_from, report.free_disk_mb,
+    )
+    return report
