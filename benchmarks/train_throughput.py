@@ -27,6 +27,8 @@ Variants, each run on 1 and on 2 local ranks (gloo, CPU), in fresh processes:
   5.1 GB each for the user table), which 2 ranks on a 24 GiB machine cannot hold, so the
   reference uses the stateless sparse SGD -- a cheaper update than the TorchRec path's
   row-wise Adagrad, so the comparison leans towards the reference.
+* ``plain_rank_only`` (``--variants``): the same reference for the rank-only network,
+  where the embedding side is a larger share of the step.
 
 Batches are synthetic (random ids in range, ``common.SyntheticBatches``), made in memory
 before timing and cycled (8 distinct batches per rank), so the numbers measure training,
@@ -78,7 +80,7 @@ from dig_torchrec.model import DIGModel  # noqa: E402
 
 logger = logging.getLogger("train_throughput")
 
-VARIANTS = ("dig", "rank_only", "plain")
+VARIANTS = ("dig", "rank_only", "plain", "plain_rank_only")
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -185,7 +187,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     else:  # plain PyTorch
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = make_plain(DIGModel(cfg, meta, device="meta"))
+        model = make_plain((RankOnlyDIG if variant == "plain_rank_only" else DIGModel)(cfg, meta, device="meta"))
         materialize(model)
         init_tokenizer_randomly(model, seed=0)
         model.train()
@@ -257,9 +259,9 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     if rank == 0 and spec.get("count_flops"):
         # FLOPs of the same network on a small copy (FLOPs per sample do not depend on table rows)
         small = industrial_meta(1000, 1000)
-        net_cls = RankOnlyDIG if variant == "rank_only" else DIGModel
+        net_cls = RankOnlyDIG if variant in ("rank_only", "plain_rank_only") else DIGModel
         m = net_cls(cfg, small, device="cpu")
-        if variant != "rank_only":
+        if net_cls is DIGModel:
             init_tokenizer_randomly(m, seed=0)
         m.train()
         fb = next(iter(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), min(B, 64),
@@ -396,6 +398,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
         "ratios_by_world_size": {
             str(w): {"dig_vs_rank_only": sps("dig", w) / sps("rank_only", w),
                      "torchrec_vs_plain_pytorch": sps("dig", w) / sps("plain", w),
+                     "rank_only_torchrec_vs_plain_pytorch": sps("rank_only", w) / sps("plain_rank_only", w),
                      "mfu": mfu_at(w)}
             for w in args.world_sizes
         },
@@ -469,7 +472,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
     p.add_argument("--pool", type=int, default=8, help="distinct synthetic batches per rank")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["dig", "rank_only", "plain"], choices=VARIANTS)
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="intra-op threads per rank (1: on a shared 2-core machine OpenMP spin-waits collapse "
                         "multi-threaded steps whenever another process holds a core)")
@@ -477,6 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=str(RESULTS_DIR / "train_throughput.json"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--memory-wait-s", type=float, default=900, help="wait this long for free RAM before a run")
+    p.add_argument("--reuse", help="add the raw runs of an earlier result JSON (e.g. to add variants later)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
 
@@ -487,6 +491,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("fp32 matmul peak: %.1f GFLOP/s per rank (%d thread(s))", peak["median_flops"] / 1e9,
                 args.threads_per_rank)
     runs: List[Dict[str, Any]] = []
+    reused: Dict[str, Any] = {}
+    if args.reuse:
+        reused = json.loads(Path(args.reuse).read_text())
+        for r in reused["raw_runs"]:
+            r["invocation"] = r.get("invocation", 0)
+        runs.extend(reused["raw_runs"])
+        logger.info("reusing %d runs from %s", len(runs), args.reuse)
+    invocation = 1 + max((r["invocation"] for r in runs), default=-1)
     for rnd in range(args.rounds):
         order = list(args.variants) if rnd % 2 == 0 else list(reversed(args.variants))
         for world in args.world_sizes:
@@ -503,9 +515,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                             rnd, variant, world, world * args.batch_size / step, step,
                             [round(r["peak_rss_bytes"] / 2**30, 2) for r in ranks], ranks[0]["loadavg_start"][0],
                             ranks[0]["loadavg_end"][0], time.perf_counter() - t0)
-                runs.append({"variant": variant, "world_size": world, "round": rnd, "ranks": ranks})
+                runs.append({"variant": variant, "world_size": world, "round": rnd, "invocation": invocation,
+                             "ranks": ranks})
                 write_json({"partial": True, "runs": runs}, args.out + ".partial")
+    if reused:  # one summary over both invocations: world sizes and variants of either
+        args.world_sizes = sorted({r["world_size"] for r in runs})
+        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
     summary = summarize(runs, args, peak, machine, list(os.getloadavg()))
+    if reused:
+        summary["earlier_invocation"] = {"machine": reused.get("machine"), "matmul_peak": reused.get("matmul_peak"),
+                                         "loadavg_end": reused.get("loadavg_end")}
     summary["raw_runs"] = runs
     write_json(summary, args.out)
     Path(args.out + ".partial").unlink(missing_ok=True)

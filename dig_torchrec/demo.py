@@ -117,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ml100k", default=None, help="directory with the MovieLens 100K files (u.data, u.item, u.user)")
     p.add_argument("--data-root", default="data", help="where datasets are made / reused")
     p.add_argument("--nproc", type=int, default=2, help="local training workers")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="training epochs (keeps the demo to a few minutes on 2 cores; 0: the config's train.epochs)")
     p.add_argument("--eval-users", type=int, default=500, help="users in the retrieval evaluation (0: all)")
     p.add_argument("overrides", nargs="*", help="extra config overrides for training, e.g. train.epochs=2")
     args = p.parse_args(argv)
@@ -125,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data, config = prepare_dataset(Path(args.ml100k) if args.ml100k else None, (REPO / args.data_root).resolve())
-    final = train(config, data, out / "train", args.nproc, args.overrides)
+    extra = ([f"train.epochs={args.epochs}"] if args.epochs > 0 else []) + list(args.overrides)
+    final = train(config, data, out / "train", args.nproc, extra)
     checkpoint = Path(final["checkpoint"])
     metrics = final["metrics"]
     ev = evaluate(checkpoint, out / "eval.json", args.eval_users)

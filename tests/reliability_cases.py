@@ -317,3 +317,15 @@ def render_table(outcomes: Dict[str, Outcome]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+_WORKSPACES: Dict[str, Workspace] = {}
+
+
+def shared_workspace(tmp_root: Path, clean_data: Path) -> Workspace:
+    """One workspace per pytest session (``tmp_root`` from ``tmp_path_factory``), built on first use."""
+    key = str(clean_data)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = make_workspace(tmp_root / "bad-input", clean_data)
+        _WORKSPACES[key].prior_snapshot = snapshot(_WORKSPACES[key].prior_run)  # type: ignore[attr-defined]
+    return _WORKSPACES[key]

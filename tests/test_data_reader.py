@@ -12,7 +12,6 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from dig_torchrec.config import DataConfig
 from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.reader import ExposureReader, load_targets, open_dataset
 from dig_torchrec.data.u2i import U2IFunction, UserStates

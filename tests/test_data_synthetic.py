@@ -8,11 +8,10 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pytest
 
 from dig_torchrec.cli import main as dig_main
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.data.synthetic import generate, preset
+from dig_torchrec.data.synthetic import generate, preset, rows_per_user
 
 
 def _table(root, split):
@@ -113,7 +112,7 @@ def test_chunked_multiprocess_generation_is_deterministic(tmp_path):
     assert many["chunks"] > 1
     assert len(list((tmp_path / "many" / "train").glob("*.parquet"))) == many["chunks"]
     rows = pa.concat_tables([_table(tmp_path / "many", s) for s in ("train", "valid", "test")]).num_rows
-    assert rows == sum(generate.__globals__["rows_per_user"](preset("micro")))
+    assert rows == sum(rows_per_user(preset("micro")))
     again = generate(preset("micro", chunk_rows=2500), tmp_path / "again", processes=1)
     assert again["rows"] == many["rows"]
     a = _table(tmp_path / "many", "train").sort_by([("user_id", "ascending"), ("timestamp", "ascending")])

@@ -15,7 +15,7 @@ import torch
 
 from dig_torchrec.data.build import compute_prefix_features, item_key_csr
 from dig_torchrec.data.items import ItemTable
-from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
+from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.data.u2i import U2IFunction, U2ISpec, UserStates, u2i_from_field_stats
 
 

@@ -95,3 +95,11 @@ def test_plan_world_of_one_follows_constraints() -> None:
     plan = plan_sharding(model, cfg, torch.device("cpu"), world_size=1, local_world_size=1, batch_size=32)
     assert plan_sharding_types(plan) == {"user_id": "table_wise", "item_id": "table_wise", "sid": "data_parallel"}
     assert embedding_tables(model)["item_id"] == ("embedding_bags", 50, 8)
+
+
+def test_config_only_check_runs_before_the_model_exists() -> None:
+    from dig_torchrec.distributed.planner import check_sharding_config
+
+    check_sharding_config(ShardingConfig(constraints={"user_id": ["column_wise"]}), "cpu")
+    with pytest.raises(ConfigError, match=r"sharding\.constraints\.user_id"):
+        check_sharding_config(ShardingConfig(constraints={"user_id": ["row_wise"]}), "cpu")

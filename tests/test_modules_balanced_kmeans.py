@@ -43,10 +43,10 @@ def test_balanced_tree_10k_items_k8_l5_zero_collisions_and_balanced_nodes():
         assert int(spread.max()) <= 1, f"layer {layer + 1}: a node's children differ by {int(spread.max())}"
 
 
-def test_codebook_is_mean_residual_of_items_given_each_token():
+def test_assigned_mean_codebook_is_mean_residual_of_items_given_each_token():
     torch.manual_seed(1)
     x = torch.randn(60, 6)
-    codebooks, sids = balanced_tree_init(x, num_codes=4, num_layers=3, kmeans_iters=3)
+    codebooks, sids = balanced_tree_init(x, num_codes=4, num_layers=3, kmeans_iters=3, codebook_update="assigned_mean")
     residual = x.clone()
     for layer in range(3):
         for k in range(4):
@@ -54,6 +54,18 @@ def test_codebook_is_mean_residual_of_items_given_each_token():
             if sel.any():
                 torch.testing.assert_close(codebooks[layer, k], residual[sel].mean(0), atol=1e-5, rtol=1e-5)
         residual = residual - codebooks[layer][sids[:, layer]]
+
+
+def test_default_codebook_is_a_kmeans_fixed_point_at_layer_one():
+    torch.manual_seed(4)
+    centers = torch.randn(4, 8) * 4
+    x = centers[torch.arange(400) % 4] + 0.1 * torch.randn(400, 8)
+    codebooks, sids = balanced_tree_init(x, num_codes=4, num_layers=5, kmeans_iters=20)
+    nearest = squared_distances(x, codebooks[0]).argmin(1)
+    for k in range(4):
+        torch.testing.assert_close(codebooks[0, k], x[nearest == k].mean(0), atol=1e-4, rtol=1e-4)
+    # well-separated clusters: the balanced tree and Eq. 2 agree at layer 1
+    assert torch.equal(nearest, sids[:, 0])
 
 
 def test_catalog_larger_than_leaf_space_names_config_keys():

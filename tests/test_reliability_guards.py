@@ -118,12 +118,14 @@ def _quantizer(restart: bool) -> ResidualQuantizer:
 def test_code_without_assignments_is_kept_finite() -> None:
     q = _quantizer(restart=False)
     x = torch.randn(16, 3)
-    for _ in range(40):  # no assignment: its EMA count decays towards 0 (0.9^40 ~ 1.5%)
-        out = q(x)
-        assert not (out.sids[:, 0] == 3).any()
-        q.ema_update(out, torch.ones(16, dtype=torch.bool))
+    out = q(x)
+    assert not (out.sids[:, 0] == 3).any()  # the EMA step below has an empty code (count 0, sum 0)
+    q.ema_update(out, torch.ones(16, dtype=torch.bool))
+    assert float(q.ema_count[0, 3]) < 1e-6  # it had no init mass either
+    for _ in range(40):
         assert torch.isfinite(q.codebooks).all() and torch.isfinite(q.ema_sum).all()
-    assert float(q.ema_count[0, 3]) < 1e-6 and int(q.dead_restarts.sum()) == 0
+        q.ema_update(q(x), torch.ones(16, dtype=torch.bool))
+    assert torch.isfinite(q.codebooks).all() and int(q.dead_restarts.sum()) == 0  # kept, not restarted
 
 
 def test_code_without_assignments_is_restarted_on_a_batch_residual() -> None:

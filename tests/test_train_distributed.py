@@ -55,6 +55,7 @@ def run_driver(overrides: List[str], dump: Path, nproc: int = 2, resume: Optiona
     return proc
 
 
+@pytest.mark.slow
 def test_two_rank_run_syncs_codebooks_and_reshards_to_one_process(tiny_dataset: Path, tmp_path: Path) -> None:
     from dig_torchrec.model import DIGModel  # noqa: F401  (fail fast if the model is missing)
     from dig_torchrec.data.reader import ExposureReader

@@ -42,8 +42,9 @@ def _train(cfg, resume=None):
 
 def test_resume_after_stop_matches_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
     step_a, full, _ = _train(_cfg(tiny_dataset, tmp_path / "a", "train.max_steps=6", "train.checkpoint_every=3"))
-    _train(_cfg(tiny_dataset, tmp_path / "b", "train.max_steps=3"))  # "stopped" after step 3
-    step_b, resumed, trainer = _train(_cfg(tiny_dataset, tmp_path / "b", "train.max_steps=6"), resume="auto")
+    # a run stopped after step 3 left exactly run a's step-3 checkpoint: resume it in a new run dir
+    stopped = tmp_path / "a" / "checkpoints" / "step-3"
+    step_b, resumed, trainer = _train(_cfg(tiny_dataset, tmp_path / "b", "train.max_steps=6"), resume=str(stopped))
     assert step_a == step_b == 6
     assert trainer.last_checkpoint == tmp_path / "b" / "checkpoints" / "step-6"
     assert full.keys() == resumed.keys()

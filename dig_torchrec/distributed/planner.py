@@ -89,6 +89,19 @@ def _check_types(key: str, types: List[str], device_type: str) -> None:
         )
 
 
+def check_sharding_config(cfg: ShardingConfig, device_type: str) -> None:
+    """Validate the sharding types of the config alone (before any data or model is loaded).
+
+    Args:
+        cfg: the ``sharding`` config section.
+        device_type: ``cpu`` or ``cuda``.
+    """
+    defaults_key = "sharding.cuda_sharding_types" if device_type == "cuda" else "sharding.cpu_sharding_types"
+    _check_types(defaults_key, list(cfg.cuda_sharding_types if device_type == "cuda" else cfg.cpu_sharding_types), device_type)
+    for table, types in cfg.constraints.items():
+        _check_types(f"sharding.constraints.{table}", list(types), device_type)
+
+
 def resolve_sharding_types(cfg: ShardingConfig, table_names: Iterable[str], device_type: str) -> Dict[str, List[str]]:
     """Allowed sharding types for every table (the pinned per-table choice).
 

@@ -13,8 +13,9 @@ codebook*: at layer l
    shared centroids under a capacity constraint (each child gets floor or ceil of
    n_parent / K items, the extra slots going to the most demanded children), so the
    tree stays exactly balanced;
-3. set c_{l,k} to the mean residual of the items given token k at layer l (over all
-   parents), which is the codebook Eq. 3 then subtracts.
+3. keep those shared centroids as c_{l,k} (default), or set c_{l,k} to the mean residual
+   of the items given token k at layer l over all parents (``codebook_update=
+   "assigned_mean"``); Eq. 3 then subtracts c_{l,s_l} to form the next residuals.
 
 Token k therefore means "near shared centroid k" in every parent, so the Eq. 2 argmin
 after init mostly agrees with the tree; where the capacity forced an item off its nearest
@@ -221,6 +222,7 @@ def balanced_tree_init(
     sample_size: int = 0,
     seed: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    codebook_update: str = "centroids",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Balanced k-means tree over the catalog with shared per-layer codebooks (§3.2).
 
@@ -233,6 +235,12 @@ def balanced_tree_init(
             always uses all items.
         seed: seed of the k-means seeding and sampling.
         progress: optional callback called with the layer index after each layer.
+        codebook_update: ``centroids`` keeps the shared k-means centroids as c_{l,k} (a
+            Lloyd fixed point of the unconstrained Eq. 2 assignment, so the first EMA steps
+            barely move it); ``assigned_mean`` sets c_{l,k} to the mean residual of the items
+            the capacity-constrained tree gave token k. Measured on synthetic field-structured
+            e_v, ``centroids`` gives equal or fewer Eq. 2 collisions right after init (e.g.
+            8% vs 22% at 40K items, K=256, L=4).
 
     Returns:
         ``(codebooks [L, K, D], sids [N, L])``; every item has its own full SID when
@@ -266,10 +274,12 @@ def balanced_tree_init(
             codes[shared] = capacity_constrained_assign(
                 residual[shared], sub_group, centroids, group_sizes=torch.bincount(sub_group)
             )
-        # c_{l,k} := mean residual of the items given token k at layer l (all parents).
+        # assigned_mean: c_{l,k} := mean residual of the items given token k at layer l (all parents).
         sums = torch.zeros_like(centroids).index_add_(0, codes, residual)
         counts = torch.bincount(codes, minlength=num_codes).to(residual.dtype)
         codebook = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centroids)
+        if codebook_update == "centroids":
+            codebook = centroids
         codebooks[layer] = codebook
         sids[:, layer] = codes
         residual -= codebook[codes]  # Eq. 3

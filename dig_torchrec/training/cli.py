@@ -47,6 +47,7 @@ def _quiet_other_ranks() -> None:
         logging.getLogger().setLevel(logging.WARNING)
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("torchrec").setLevel(logging.WARNING)
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # pipeline re-trace chatter
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ def fault_point(point: str, step: int, rank: int = 0) -> None:
         rank: this process's rank (see ``DIG_FAULT_RANK``).
     """
     if _armed(_POINTS[point], step, rank):
-        logger.warning("test fault injection: rank %d SIGKILLs itself at %s step %d", rank, point, step)
+        logger.warning("test fault injection (%s=%d): rank %d SIGKILLs itself", _POINTS[point], step, rank)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -46,7 +46,13 @@ from dig_torchrec.config import DIGConfig, save_config
 from dig_torchrec.data.batch import DIGBatch
 from dig_torchrec.data.reader import ExposureReader, open_dataset
 from dig_torchrec.distributed.env import DistEnv, init_distributed, shutdown
-from dig_torchrec.distributed.planner import default_sharders, describe_plan, plan_sharding, plan_sharding_types
+from dig_torchrec.distributed.planner import (
+    check_sharding_config,
+    default_sharders,
+    describe_plan,
+    plan_sharding,
+    plan_sharding_types,
+)
 from dig_torchrec.distributed.sync import average_batchnorm_stats
 from dig_torchrec.errors import NumericalError
 from dig_torchrec.model import DIGModel, DIGOutput
@@ -54,7 +60,7 @@ from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible
 from dig_torchrec.training import accounting, faults, preflight
 from dig_torchrec.training.guards import check_loss_terms
 from dig_torchrec.training.metrics import AUCSet, MeanSet, MetricsLogger, TrainMetrics, format_metrics, output_scalars
-from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer
+from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer, sparse_optimizer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +121,8 @@ class Trainer:
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
         check_run_dir(self.run_dir, cfg.train.min_free_disk_mb)  # fail now, not after hours of training
+        check_sharding_config(cfg.sharding, env.device.type)
+        sparse_optimizer_spec(cfg.train, env.device.type)  # e.g. adam has no CPU kernel
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.train.seed)  # same dense init on every rank
@@ -139,8 +147,10 @@ class Trainer:
             device=env.device,
             plan=self.plan,
             sharders=default_sharders(),
-            # find_unused_parameters: DDP tolerates a term that drops out of the graph
-            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+            # every dense parameter is in the graph on every step (DIGModel weights the recall-side
+            # terms 0 before tokenizer init instead of dropping them), so DDP needs no unused-
+            # parameter search; static_graph stays off because eval/init calls interleave with steps
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False),
         )
         self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
         self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
@@ -354,13 +364,12 @@ class Trainer:
             reader.set_epoch(reader.epoch + 1)
         return iter(reader)
 
-    def _handle_events(self, epoch_done: bool) -> None:
+    def _handle_events(self, epoch_done: bool, init_only: bool = False) -> None:
         cfg = self.cfg.train
-        tok = self.cfg.tokenizer
-        if not self.dig.tokenizer.is_initialized and not tok.frozen and self.step >= tok.init_after_steps:
+        if not self.dig.tokenizer.is_initialized and self.step >= self.cfg.tokenizer.init_after_steps:
             self.initialize_tokenizer()
-        elif tok.frozen and not self.dig.tokenizer.is_initialized and self.step >= tok.init_after_steps:
-            self.initialize_tokenizer()
+        if init_only:
+            return
         if cfg.log_every > 0 and self.step % cfg.log_every == 0 and self.step > 0:
             self._log_train()
         if (cfg.val_every > 0 and self.step % cfg.val_every == 0 and self.step > 0) or (cfg.val_every == 0 and epoch_done):
@@ -385,9 +394,10 @@ class Trainer:
         )
         t_start = time.perf_counter()
         steps_run = 0
-        # events due before the first step (e.g. tokenizer.init_after_steps=0)
+        # due before the first step: tokenizer.init_after_steps=0 (other events at this step
+        # already happened before the checkpoint we resumed from)
         if self.step < self.total_steps:
-            self._handle_events(epoch_done=False)
+            self._handle_events(epoch_done=False, init_only=True)
         source = self._epoch_iterator()
         try:
             while self.step < self.total_steps:
