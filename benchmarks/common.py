@@ -208,26 +208,39 @@ class SyntheticBatches:
 class RankOnlyDIG(DIGModel):
     """DIG without the recall path: embeddings -> VQ encoder e_v (Eq. 1) -> Mixer (Eq. 6) -> L_rank (Eq. 9).
 
-    No quantizer, SID embeddings, u2t or recall Mixer calls; the batch's retrieval rows are
-    ignored (feed it batches with R = 0). It keeps DIG's modules (so it is the same network
-    and shards the same tables); the unused ones simply receive no gradient.
+    Same tables and rank-path modules as :class:`DIGModel`; the recall-only modules (SID
+    embeddings, u2t MLP/statistics, BN_sid, BN_u2t) are removed, and no quantizer, u2t or
+    recall Mixer call runs. The batch's retrieval rows are ignored (feed it R = 0 batches).
+    Like ``DIGModel.forward``, the ``embedding_bags`` call comes first and the rest is an
+    ``fx``-opaque function, so ``TrainPipelineSparseDist`` pipelines its input dist.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("sid_embedding_bags", "u2t_mlp", "u2t_stats", "bn_sid", "bn_u2t"):
+            delattr(self, name)
+
     def forward(self, batch: DIGBatch) -> Tuple[torch.Tensor, DIGOutput]:  # type: ignore[override]
-        B = batch.batch_size
-        pooled = self._embed(batch.sparse_features)
-        e_u = torch.cat([pooled[k] for k in self.user_keys], -1)[:B]
-        item_fields = torch.stack([pooled[k] for k in self.encoder_keys], 1)[:B]
-        hist = torch.stack([pooled[k] for k in self.history_keys], 1)[:B]
-        hist_mask = self._history_mask(batch.sparse_features)[:B]
-        e_v = self.tokenizer.encode(item_fields)  # Eq. 1
-        logits = self.mixer(self.bn_u(e_u), self.bn_v(e_v.flatten(1)), self.bn_u2i(batch.u2i), hist, hist_mask)  # Eq. 6
-        loss = _weighted_bce(logits, batch.labels, batch.weights)  # Eq. 9
-        empty = logits.new_zeros(self.num_layers, 0)
-        out = DIGOutput(losses={"total": loss.detach(), "rank": loss.detach()}, rank_logits=logits.detach(),
-                        labels=batch.labels, weights=batch.weights, recall_logits=empty,
-                        recall_labels=batch.retrieval_labels, recall_weights=batch.retrieval_weights)
-        return loss, out
+        pooled = self.embedding_bags(batch.sparse_features)
+        return _rank_only_from_pooled(self, batch, pooled)
+
+
+@torch.fx.wrap
+def _rank_only_from_pooled(model: RankOnlyDIG, batch: DIGBatch, pooled: Any) -> Tuple[torch.Tensor, DIGOutput]:
+    B = batch.batch_size
+    feats = pooled.to_dict()
+    e_u = torch.cat([feats[k] for k in model.user_keys], -1)[:B]
+    item_fields = torch.stack([feats[k] for k in model.encoder_keys], 1)[:B]
+    hist = torch.stack([feats[k] for k in model.history_keys], 1)[:B]
+    hist_mask = model._history_mask(batch.sparse_features)[:B]
+    e_v = model.tokenizer.encode(item_fields)  # Eq. 1
+    logits = model.mixer(model.bn_u(e_u), model.bn_v(e_v.flatten(1)), model.bn_u2i(batch.u2i), hist, hist_mask)  # Eq. 6
+    loss = _weighted_bce(logits, batch.labels, batch.weights)  # Eq. 9
+    empty = logits.new_zeros(model.num_layers, 0)
+    out = DIGOutput(losses={"total": loss.detach(), "rank": loss.detach()}, rank_logits=logits.detach(),
+                    labels=batch.labels, weights=batch.weights, recall_logits=empty,
+                    recall_labels=batch.retrieval_labels, recall_weights=batch.retrieval_weights)
+    return loss, out
 
 
 # ---------------------------------------------------------------------- plain-PyTorch reference
@@ -307,7 +320,9 @@ def make_plain(model: DIGModel, copy_weights: bool = False, sparse: bool = True)
     """
     device = next(model.embedding_bags.parameters()).device
     model.embedding_bags = PlainEmbeddingBagCollection.like(model.embedding_bags, sparse, device, copy_weights)
-    model.sid_embedding_bags = PlainEmbeddingBagCollection.like(model.sid_embedding_bags, sparse, device, copy_weights)
+    if hasattr(model, "sid_embedding_bags"):  # absent in RankOnlyDIG
+        model.sid_embedding_bags = PlainEmbeddingBagCollection.like(model.sid_embedding_bags, sparse, device,
+                                                                    copy_weights)
     return model
 
 

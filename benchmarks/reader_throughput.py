@@ -1,14 +1,26 @@
 """Reader throughput: ExposureReader (parquet -> DIGBatch with retrieval rows) vs a raw
 ``pyarrow.dataset`` scan of the same files and columns, in one run.
 
-Runs are interleaved (raw, reader[w=0], reader[w=2], raw, ...) so background load hits all
-of them alike; the medians and their ratio go to ``benchmarks/results/reader_throughput.json``
-together with machine information. Goal (issue 2): reader >= 50% of the raw scan rate.
+Method (built for a shared, busy host):
+
+* one untimed warm-up scan (page cache), then ``--repeats`` rounds; each round runs every
+  config once, in forward order on even rounds and reversed on odd rounds, so slow drifts
+  in background load hit every config alike;
+* per run: wall seconds and CPU seconds of this process AND its reaped children
+  (``os.times``; DataLoader worker processes are joined at the end of an epoch, so their
+  CPU is included);
+* headline: the median over rounds of the paired ratio ``reader rows/s / raw rows/s`` of the
+  same round (robust to load changing between rounds), next to the ratio of the medians;
+  the same for rows per CPU-second, which is much less sensitive to other jobs;
+* ``os.getloadavg()`` at the start and end of the run and per round.
+
+Results go to ``benchmarks/results/reader_throughput.json``. Goal (issue 2): reader >= 50%
+of the raw scan rate.
 
 Usage::
 
     python benchmarks/reader_throughput.py --data data/industrial_small          # generated if missing
-    python benchmarks/reader_throughput.py --data /tmp/bench1m --rows 1000000 --repeats 3 --workers 0,2
+    python benchmarks/reader_throughput.py --data /tmp/bench1m --rows 1000000 --repeats 5 --workers 0,2
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pyarrow
 import pyarrow.dataset as pads
@@ -36,18 +48,26 @@ logger = logging.getLogger("reader_throughput")
 
 
 def raw_scan(root: Path, columns: List[str]) -> int:
+    """Rows of a multithreaded ``pyarrow.dataset`` scan of the train split (decode only)."""
     rows = 0
     for batch in pads.dataset(str(root / "train"), format="parquet").to_batches(columns=columns):
         rows += batch.num_rows
     return rows
 
 
-def reader_pass(root: Path, cfg: DataConfig, schema) -> int:
+def reader_pass(root: Path, cfg: DataConfig, schema) -> Tuple[int, int]:
+    """(real exposure rows, retrieval clicks dropped) of one ExposureReader train epoch."""
     reader = ExposureReader(root, "train", cfg, schema)
     rows = 0
     for batch in reader:
         rows += int(batch.weights.sum())
-    return rows
+    return rows, reader.retrieval_clicks_dropped
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (user + system)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def machine_info() -> Dict[str, object]:
@@ -67,10 +87,10 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--negatives", type=int, default=4)
     p.add_argument("--workers", default="0,2", help="comma-separated data.num_workers values to measure")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--positives", default="0,256",
-                   help="comma-separated data.retrieval_positives values (0: batch_size // 2, the default); "
-                        "the first is measured for every --workers value, the others with workers=0")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--positives", default="0,1024",
+                   help="comma-separated data.retrieval_positives values (0: auto = ceil(2 x train click rate x B), "
+                        "the default); the first is measured for every --workers value, the others with workers=0")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader_throughput.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -91,40 +111,65 @@ def main(argv: List[str] | None = None) -> int:
     first = next(iter(cfgs.values()))
     meta, schema = open_dataset(root, first)
     columns = ExposureReader(root, "train", first, schema).decoder.columns()
-    times: Dict[str, List[float]] = {"raw": [], **{k: [] for k in cfgs}}
-    cpu: Dict[str, List[float]] = {k: [] for k in times}
+    slots = {k: ExposureReader(root, "train", c, schema).num_positive_slots for k, c in cfgs.items()}
+    names = ["raw", *cfgs]
+    raw_scan(root, columns)  # warm-up: page cache, arrow thread pool
+    wall: Dict[str, List[float]] = {k: [] for k in names}
+    cpu: Dict[str, List[float]] = {k: [] for k in names}
     rows: Dict[str, int] = {}
+    dropped: Dict[str, int] = {}
+    load_per_round: List[List[float]] = []
     for rep in range(args.repeats):
-        for name in times:
-            t0, c0 = time.perf_counter(), time.process_time()
+        load_per_round.append(list(os.getloadavg()))
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            t0, c0 = time.perf_counter(), cpu_seconds()
             if name == "raw":
                 n = raw_scan(root, columns)
             else:
-                n = reader_pass(root, cfgs[name], schema)
-            dt = time.perf_counter() - t0
-            times[name].append(dt)
-            cpu[name].append(time.process_time() - c0)
+                n, dropped[name] = reader_pass(root, cfgs[name], schema)
+            dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
+            wall[name].append(dt)
+            cpu[name].append(dc)
             rows[name] = n
-            logger.info("repeat %d %-10s %9d rows %7.2fs %10.0f rows/s", rep, name, n, dt, n / dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rate = {k: rows[k] / med[k] for k in med}
+            logger.info("round %d %-16s %9d rows %7.2fs wall %10.0f rows/s | %6.2f cpu-s %10.0f rows/cpu-s",
+                        rep, name, n, dt, n / dt, dc, n / dc)
+
+    def rate(k: str, secs: List[float]) -> List[float]:
+        return [rows[k] / s for s in secs]
+
+    wall_rate = {k: statistics.median(rate(k, v)) for k, v in wall.items()}
+    cpu_rate = {k: statistics.median(rate(k, v)) for k, v in cpu.items()}
+    readers = [k for k in names if k != "raw"]
+    paired_wall = {k: [a / b for a, b in zip(rate(k, wall[k]), rate("raw", wall["raw"]))] for k in readers}
+    paired_cpu = {k: [a / b for a, b in zip(rate(k, cpu[k]), rate("raw", cpu["raw"]))] for k in readers}
+    headline = {k: statistics.median(v) for k, v in paired_wall.items()}
     result = {
         "dataset": str(root), "train_rows": rows["raw"], "columns": columns, "batch_size": args.batch_size,
-        "retrieval": {"positives_per_batch": {k: c.retrieval_positives or args.batch_size // 2 for k, c in cfgs.items()},
-                      "negatives_per_positive": args.negatives},
-        "repeats": args.repeats, "seconds": times, "median_seconds": med, "rows_per_second": rate,
-        "ratio_to_raw": {k: rate[k] / rate["raw"] for k in rate if k != "raw"}, "goal_ratio": 0.5,
-        # CPU seconds of this process (all its threads; DataLoader worker processes excluded):
-        # on a shared host this is the contention-robust cost of a pass
+        "retrieval": {"positives_per_batch": slots,
+                      "config_retrieval_positives": {k: c.retrieval_positives for k, c in cfgs.items()},
+                      "negatives_per_positive": args.negatives,
+                      "clicks_dropped_per_epoch": dropped},
+        "repeats": args.repeats, "order": "interleaved; forward on even rounds, reversed on odd rounds",
+        "goal_ratio": 0.5,
+        "headline_ratio_wall": headline,  # median over rounds of the paired (same round) wall-rate ratio
+        "paired_ratio_wall": paired_wall,
+        "ratio_of_median_wall_rates": {k: wall_rate[k] / wall_rate["raw"] for k in readers},
+        "headline_ratio_cpu": {k: statistics.median(v) for k, v in paired_cpu.items()},
+        "paired_ratio_cpu": paired_cpu,
+        "rows_per_second": wall_rate, "rows_per_cpu_second": cpu_rate,
+        "wall_seconds": wall,
+        # CPU of this process + reaped children (DataLoader workers included)
         "cpu_seconds": cpu,
-        "rows_per_cpu_second": {k: rows[k] / statistics.median(v) for k, v in cpu.items()
-                                if k == "raw" or cfgs[k].num_workers == 0},
-        "machine": {**info, "loadavg_end": list(os.getloadavg())},
-        "note": "raw = pyarrow.dataset scan of the same files/columns (multithreaded arrow decode, no batch "
-                "building); reader = ExposureReader epoch incl. shuffle, KJT, retrieval negatives and their u2i",
+        "machine": {**info, "loadavg_per_round": load_per_round, "loadavg_end": list(os.getloadavg())},
+        "note": "raw = multithreaded pyarrow.dataset scan of the same files/columns (decode only, no batch "
+                "building); reader = ExposureReader train epoch incl. shuffle, KJT, retrieval negatives and "
+                "their u2i",
     }
-    for k, r in result["ratio_to_raw"].items():
-        logger.info("%s: %.0f rows/s = %.1f%% of raw scan (%.0f rows/s)", k, rate[k], 100 * r, rate["raw"])
+    for k in readers:
+        logger.info("%s: %.0f rows/s = %.1f%% of raw (%.0f rows/s) [paired median; ratio of medians %.1f%%]; "
+                    "per CPU-second %.0f vs %.0f = %.1f%%", k, wall_rate[k], 100 * headline[k], wall_rate["raw"],
+                    100 * result["ratio_of_median_wall_rates"][k], cpu_rate[k], cpu_rate["raw"],
+                    100 * result["headline_ratio_cpu"][k])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ Variants, each run on 1 and on 2 local ranks (gloo, CPU), in fresh processes:
 
 * ``dig``: DIGModel through the production path: built on ``meta``, row-wise Adagrad fused
   into backward (``apply_optimizer_in_backward``), planner (tables table_wise on CPU), DMP,
-  dense Adam in a CombinedOptimizer, ``TrainPipelineSparseDist``. Batches carry B exposure
+  dense Adam in a CombinedOptimizer, ``TrainPipelineSparseDist`` (the trainer's wiring). Batches carry B exposure
   rows + R = (B/2) x (1 + 4 negatives) retrieval rows, as the reader makes them.
 * ``rank_only``: the same network without the recall path (``benchmarks/common.py:
   RankOnlyDIG``: no quantizer, SID embeddings, u2t or recall Mixer calls), same wiring,
@@ -139,9 +139,9 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     info: Dict[str, Any] = {}
     if variant in ("dig", "rank_only"):
         from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
         from torchrec.distributed.types import ShardingEnv
 
-        from dig_torchrec.distributed.pipeline import DIGTrainPipeline
         from dig_torchrec.distributed.planner import default_sharders, plan_sharding, plan_sharding_types
         from dig_torchrec.training.optim import attach_sparse_optimizer, build_optimizer
 
@@ -151,13 +151,13 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         dmp = DistributedModelParallel(
             module=model, env=ShardingEnv.from_process_group(env.process_group), device=env.device, plan=plan,
             sharders=default_sharders(),
-            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False),
         )
         optimizer, _ = build_optimizer(dmp, cfg.train)
         dig = dmp.module
         if variant == "dig":
             init_tokenizer_randomly(dig, seed=0)
-        pipeline = DIGTrainPipeline(dmp, optimizer, env.device)
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)  # as training/trainer.py
         dmp.train()
         info["sharding"] = plan_sharding_types(plan)
         info["tables_on_rank"] = sorted(
@@ -256,19 +256,30 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         "dense_bytes": dense_bytes, "dense_optimizer_state_bytes": dense_opt_bytes,
         "build_seconds": build_s, "threads": torch.get_num_threads(), **info,
     }
-    if rank == 0 and spec.get("count_flops"):
-        # FLOPs of the same network on a small copy (FLOPs per sample do not depend on table rows)
-        small = industrial_meta(1000, 1000)
-        net_cls = RankOnlyDIG if variant in ("rank_only", "plain_rank_only") else DIGModel
-        m = net_cls(cfg, small, device="cpu")
-        if net_cls is DIGModel:
-            init_tokenizer_randomly(m, seed=0)
-        m.train()
-        fb = next(iter(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), min(B, 64),
-                                        (min(B, 64) // 2) * 5 if R else 0, small.u2i_dim, pool=1)))
-        result["model_flops_per_sample"] = model_flops_per_sample(m, fb)
     Path(f"{out_path}.rank{rank}").write_text(json.dumps(result))
     shutdown(env)
+
+
+def count_model_flops(variant: str, batch_size: int) -> float:
+    """fwd+bwd model FLOPs per exposure sample of ``variant``'s network (no process group).
+
+    Counted on a copy with small tables: FLOPs per sample do not depend on table rows.
+    """
+    from dig_torchrec.data.schema import FeatureSchema
+
+    cfg = dig_config_for_bench(batch_size)
+    small = industrial_meta(1000, 1000)
+    net_cls = RankOnlyDIG if variant in ("rank_only", "plain_rank_only") else DIGModel
+    torch.manual_seed(0)
+    m = net_cls(cfg, small, device="cpu")
+    if net_cls is DIGModel:
+        init_tokenizer_randomly(m, seed=0)
+    m.train()
+    b = min(batch_size, 64)
+    r = (b // 2) * (1 + cfg.data.negatives_per_positive) if net_cls is DIGModel else 0
+    batch = next(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), b, r, small.u2i_dim,
+                                  pool=1, negatives=cfg.data.negatives_per_positive))
+    return model_flops_per_sample(m, batch)
 
 
 # ---------------------------------------------------------------------- driver
@@ -305,14 +316,13 @@ def wait_for_memory(need: int, timeout_s: float) -> bool:
     return True
 
 
-def run_once(variant: str, world: int, args: argparse.Namespace, count_flops: bool) -> List[Dict[str, Any]]:
+def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Spawn ``world`` fresh ranks for one (variant, world size) run and collect their results."""
     import torch.multiprocessing as mp
 
     spec = {"variant": variant, "batch_size": args.batch_size, "users": args.users, "items": args.items,
             "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "pool": args.pool,
-            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer,
-            "count_flops": count_flops}
+            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer}
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result")
         load0 = os.getloadavg()
@@ -334,8 +344,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
     for run in runs:
         by.setdefault(run["variant"], {}).setdefault(run["world_size"], []).append(run["ranks"])
     details: Dict[str, Any] = {}
-    flops = {r["variant"]: r["ranks"][0].get("model_flops_per_sample") for r in runs
-             if r["ranks"][0].get("model_flops_per_sample")}
+    flops = {v: count_model_flops(v, args.batch_size) for v in by}
     for variant, per_world in by.items():
         for world, rounds in per_world.items():
             # global samples/s of a round: all ranks step together (collectives), so W * B / step time of the slowest rank
@@ -465,14 +474,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=20_000_000)
     p.add_argument("--items", type=int, default=500_000)
-    p.add_argument("--batch-size", type=int, default=512, help="exposure rows per rank and step")
+    p.add_argument("--batch-size", type=int, default=256, help="exposure rows per rank and step")
     p.add_argument("--steps", type=int, default=15, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every run")
     p.add_argument("--pool", type=int, default=8, help="distinct synthetic batches per rank")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--variants", nargs="+", default=["dig", "rank_only", "plain"], choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="intra-op threads per rank (1: on a shared 2-core machine OpenMP spin-waits collapse "
                         "multi-threaded steps whenever another process holds a core)")
@@ -509,7 +518,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    need / 2**30)
                     continue
                 t0 = time.perf_counter()
-                ranks = run_once(variant, world, args, count_flops=(rnd == 0 and world == args.world_sizes[0]))
+                ranks = run_once(variant, world, args)
                 step = max(r["median_step_seconds"] for r in ranks)
                 logger.info("round %d %-9s x%d: %.1f samples/s (step %.2fs), peak RSS %s GiB, load %.1f->%.1f, %.0fs",
                             rnd, variant, world, world * args.batch_size / step, step,

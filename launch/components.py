@@ -93,4 +93,6 @@ def train(
         # dist.ddp builds `bash -c "torchrun ..."`; let the elastic agent restart the workers too
         assert role.args[1].startswith("torchrun "), role.args
         role.args[1] = role.args[1].replace("torchrun ", f"torchrun --max-restarts {int(max_restarts)} ", 1)
+        # restarted workers must not reuse the rendezvous store's stale addresses (pytorch/pytorch#135712)
+        role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return app

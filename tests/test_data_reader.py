@@ -232,3 +232,18 @@ def test_open_dataset_returns_meta_and_schema(tiny_dataset, tiny_data_config):
     assert schema.history_length == tiny_data_config.history_length
     assert schema.keys[0] == "user_id" and "item_id" in schema.keys
     assert meta.u2i_dim == 6
+
+
+def test_item_table_covers_corpus_and_builds_item_kjt(tiny_dataset, tiny_meta_schema):
+    meta, schema = tiny_meta_schema
+    items = ItemTable.load(tiny_dataset, schema)
+    assert items.num_items == meta.num_items
+    assert items.features[:, 0].tolist() == list(range(meta.num_items))
+    ids = torch.tensor([5, 0, 5, meta.num_items - 1])
+    kjt = items.kjt(ids)
+    assert kjt.keys() == schema.item_features and kjt.stride() == 4
+    for j, name in enumerate(schema.item_features):
+        assert kjt[name].values().tolist() == items.features[ids, j].tolist()
+    t = pads.dataset(str(tiny_dataset / "train")).to_table()
+    clicks = np.bincount(t.column("item_id").to_numpy()[t.column("label").to_numpy() > 0], minlength=meta.num_items)
+    assert items.popularity.tolist() == clicks.astype(np.float32).tolist()

@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--include-item-id", default="true")
     p.add_argument("--batch-size", type=int, default=512)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     over = {"tokenizer": {"include_item_id": args.include_item_id == "true"}}
     print(json.dumps(measure(args.data, args.steps, args.codes, args.layers, args.init_after, args.dim,
                              batch_size=args.batch_size, overrides=over), indent=1))

@@ -59,7 +59,7 @@ def test_assigned_mean_codebook_is_mean_residual_of_items_given_each_token():
 def test_default_codebook_is_a_kmeans_fixed_point_at_layer_one():
     torch.manual_seed(4)
     centers = torch.randn(4, 8) * 4
-    x = centers[torch.arange(400) % 4] + 0.1 * torch.randn(400, 8)
+    x = centers[torch.arange(200) % 4] + 0.1 * torch.randn(200, 8)  # <= 64*K: k-means sees all items
     codebooks, sids = balanced_tree_init(x, num_codes=4, num_layers=5, kmeans_iters=20)
     nearest = squared_distances(x, codebooks[0]).argmin(1)
     for k in range(4):

@@ -36,8 +36,8 @@ def test_nothing_in_the_prior_run_was_overwritten(workspace: rc.Workspace) -> No
 
 def test_real_dig_process_exits_2_with_the_cause(workspace: rc.Workspace) -> None:
     """The installed ``dig`` console script, as a user runs it (one case; the rest run in-process)."""
-    data = workspace.damaged_copy("missing_column", lambda r: None)  # made by the in-process run
-    rc.run_all(workspace)
+    rc.run_all(workspace)  # makes the damaged copies
+    data = workspace.damaged_copy("missing_column", lambda r: None)
     dig = Path(sys.executable).with_name("dig")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(

@@ -7,6 +7,7 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 
@@ -30,7 +31,8 @@ def test_clean_run_passes_and_mirrors_the_reader_split(tiny_dataset: Path, tmp_p
     cfg = DataConfig(path=str(tiny_dataset), batch_size=64, history_length=5)
     readers = [ExposureReader(tiny_dataset, "train", cfg, schema, rank=r, world_size=2) for r in range(2)]
     assert report.slot_rows["train"] == [r.rows for r in readers]  # same row-group assignment as the reader
-    assert sum(report.slot_rows["train"]) == 7153 and min(report.slot_rows["train"]) > 0
+    train_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tiny_dataset / "train").glob("*.parquet"))
+    assert sum(report.slot_rows["train"]) == train_rows and min(report.slot_rows["train"]) > 0
     assert report.resume_from is None and (tmp_path / "run").is_dir()
 
 
@@ -78,3 +80,11 @@ def test_incomplete_checkpoint_is_refused(tiny_dataset: Path, tmp_path: Path) ->
     with pytest.raises(CheckpointError, match=r"step-5: checkpoint is incomplete \(no COMPLETE marker\)"):
         run_preflight(_cfg(tiny_dataset, tmp_path / "run"), resume=str(half), device_type="cpu")
     assert run_preflight(_cfg(tiny_dataset, tmp_path / "run"), resume="auto", device_type="cpu").resume_from is None
+
+
+def test_config_built_in_code_gets_the_same_scalar_checks(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_dataset, tmp_path / "run")
+    cfg.data.batch_size = 0  # bypasses load_config
+    with pytest.raises(ConfigError, match=r"config key 'data\.batch_size' = 0; must be > 0"):
+        run_preflight(cfg, device_type="cpu")
+    assert not (tmp_path / "run").exists()

@@ -171,7 +171,7 @@ def capacity_constrained_assign(
 def kmeans(
     x: torch.Tensor, num_clusters: int, iters: int, generator: torch.Generator, chunk_size: int = 65536
 ) -> torch.Tensor:
-    """Plain Lloyd k-means; empty clusters are re-seeded with random points.
+    """Lloyd k-means with k-means++ seeding; empty clusters are re-seeded with random points.
 
     Args:
         x: ``[N, D]`` points (N may be smaller than ``num_clusters``).
@@ -184,13 +184,12 @@ def kmeans(
         ``[K, D]`` centroids.
     """
     n, dim = x.shape
-    if n >= num_clusters:
-        init = torch.randperm(n, generator=generator)[:num_clusters]
+    if n >= num_clusters:  # k-means++ seeds drawn from at most 16 K points (cost K * 16K * D)
+        pool = x[torch.randperm(n, generator=generator)[: 16 * num_clusters].to(x.device)] if n > 16 * num_clusters else x
+        c = _kmeans_plus_plus(pool, num_clusters, generator)
     else:
-        init = torch.randint(n, (num_clusters,), generator=generator)
-    c = x[init.to(x.device)].clone()
-    if n < num_clusters:  # duplicated seeds: tiny jitter keeps them distinct
-        c[n:] += 1e-4 * torch.randn(num_clusters - n, dim, generator=generator).to(x)
+        c = x[torch.randint(n, (num_clusters,), generator=generator).to(x.device)].clone()
+        c[n:] += 1e-4 * torch.randn(num_clusters - n, dim, generator=generator).to(x)  # keep duplicates apart
     for _ in range(iters):
         codes = torch.cat([squared_distances(x[s : s + chunk_size], c).argmin(1) for s in range(0, n, chunk_size)])
         sums = torch.zeros_like(c).index_add_(0, codes, x)
@@ -201,6 +200,23 @@ def kmeans(
             reseed = torch.randint(n, (int(empty.sum()),), generator=generator).to(x.device)
             c[empty] = x[reseed]
     return c
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next seed drawn with probability ~ squared distance to the seeds so far."""
+    n = x.shape[0]
+    x_sq = (x * x).sum(1)
+    seeds = [int(torch.randint(n, (1,), generator=generator))]
+    closest = (x_sq - 2.0 * (x @ x[seeds[0]]) + x_sq[seeds[0]]).clamp_min_(0.0)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0:
+            nxt = int(torch.randint(n, (1,), generator=generator))
+        else:
+            nxt = int(torch.multinomial((closest / total).cpu(), 1, generator=generator))
+        seeds.append(nxt)
+        closest = torch.minimum(closest, (x_sq - 2.0 * (x @ x[nxt]) + x_sq[nxt]).clamp_min_(0.0))
+    return x[torch.tensor(seeds, device=x.device)].clone()
 
 
 def check_catalog_fits(num_items: int, num_codes: int, num_layers: int) -> None:

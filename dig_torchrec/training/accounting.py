@@ -13,7 +13,7 @@ checkpoint and a resumed run continues counting *from the checkpoint boundary*: 
 killed attempt trained on after its last checkpoint are not counted (they are trained
 again). When a rank finishes an epoch it records ``run_dir/accounting/rank-<r>.json``::
 
-    {"epochs": {"0": {"rows": 3577, "share_rows": 3577, "reader_rows_consumed": 3577,
+    {"epochs": {"0": {"rows": 3584, "share_rows": 3584, "reader_rows_consumed": 3584,
                       "fingerprint": "0x...", "batches": 56, "resumed_at": {...} | null, ...}}}
 
 Exactly once means: summed over ranks, ``rows`` equals the split's row count and the

@@ -20,7 +20,7 @@ every rank gets rows           ``ConfigError`` naming the split and ``data.num_w
 The order matters: everything that can fail runs before the first write (the run-dir
 probe is last), so a rejected command leaves an existing run directory untouched.
 (``data.batch_size=0`` and other impossible scalars are rejected even earlier, by
-``load_config``.)
+``load_config``; :func:`run_preflight` repeats that check for configs built in code.)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from dig_torchrec.config import DIGConfig
+from dig_torchrec.config import DIGConfig, validate
 from dig_torchrec.data.reader import assign_slots, list_row_groups, open_dataset
 from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
 from dig_torchrec.errors import ConfigError
@@ -171,6 +171,7 @@ def run_preflight(
         world_size: ranks in the job; default the launcher's ``WORLD_SIZE`` (1 without one).
         device_type: ``cpu``/``cuda``; default what ``train.device`` resolves to.
     """
+    validate(cfg)  # impossible scalars (batch size 0, ...) also for configs built in code, not by load_config
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     device = device_type or _device_type(cfg.train.device)
     meta, schema = open_dataset(cfg.data.path, cfg.data)

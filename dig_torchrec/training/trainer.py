@@ -217,8 +217,8 @@ class Trainer:
 
     # ================================================================== step
     def _float_buffers(self) -> Dict[str, torch.Tensor]:
-        """Floating-point buffers the forward pass updates (BN stats, codebook EMA, u2t stats)."""
-        return {k: b for k, b in self.dig.named_buffers() if b.is_floating_point() and b.numel() < 50_000_000}
+        """Buffers the forward pass updates (BN stats and counters, codebook EMA, item SID table, u2t stats)."""
+        return {k: b for k, b in self.dig.named_buffers() if b.numel() < 50_000_000}
 
     def _guarded_forward(self, batch: Optional[DIGBatch]) -> Tuple[torch.Tensor, DIGOutput]:
         """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward.
