@@ -509,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info("reusing %d runs from %s", len(runs), args.reuse)
     invocation = 1 + max((r["invocation"] for r in runs), default=-1)
     for rnd in range(args.rounds):
-        order = list(args.variants) if rnd % 2 == 0 else list(reversed(args.variants))
+        order = list(args.variants) if (rnd + invocation) % 2 == 0 else list(reversed(args.variants))
         for world in args.world_sizes:
             for variant in order:
                 need = memory_needed_bytes(variant, world, args)

@@ -30,7 +30,9 @@ class DataConfig:
     shuffle_buffer: int = 4096  # rows; 0 disables shuffling
     num_workers: int = 0  # DataLoader workers per rank
     negatives_per_positive: int = 4  # full-corpus random negatives per click (paper §4.1)
-    retrieval_positives: int = 0  # click slots per batch in the retrieval rows; 0: batch_size // 2
+    retrieval_positives: int = 0  # click slots per batch in the retrieval rows; 0 = auto: ceil(2 x train click rate
+    # x batch size) in [1, batch size] (rate from items.parquet train clicks / train rows; same on every rank).
+    # A batch with more clicks fills the slots with a seeded random subset; the rest stay exposure rows only.
     negative_sampling: str = "uniform"  # uniform | popularity
     popularity_alpha: float = 0.75  # popularity-smoothed draw: p(v) ~ count(v)^alpha
     hash_ids: bool = False  # hash ids beyond the table size instead of erroring

@@ -36,11 +36,12 @@ def _parquet_tuples(root: Path, split: str) -> collections.Counter:
     return collections.Counter(zip(*[c.tolist() for c in cols], lab.tolist(), map(tuple, u2i.tolist())))
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (3, 0), (2, 2)])
+@pytest.mark.parametrize("world_size,num_workers,positives", [(1, 0, 16), (2, 0, 16), (3, 0, 16), (2, 2, 16),
+                                                              (2, 0, 0), (1, 0, 2)])
 def test_rank_and_worker_splits_cover_every_row_exactly_once(tiny_dataset, tiny_data_config, tiny_meta_schema,
-                                                             world_size, num_workers):
+                                                             world_size, num_workers, positives):
     _, schema = tiny_meta_schema
-    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers)
+    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers, retrieval_positives=positives)
     seen: collections.Counter = collections.Counter()
     steps = []
     for rank in range(world_size):
@@ -142,10 +143,10 @@ def test_history_keys_are_most_recent_first(tiny_dataset, tiny_data_config, tiny
     assert batch.retrieval_size == 0
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_at_the_exact_row(tiny_dataset, tiny_data_config, tiny_meta_schema, num_workers):
+@pytest.mark.parametrize("num_workers,positives", [(0, 16), (2, 16), (0, 2)])
+def test_resume_continues_at_the_exact_row(tiny_dataset, tiny_data_config, tiny_meta_schema, num_workers, positives):
     _, schema = tiny_meta_schema
-    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers)
+    cfg = dataclasses.replace(tiny_data_config, num_workers=num_workers, retrieval_positives=positives)
     full = list(ExposureReader(tiny_dataset, "train", cfg, schema, epoch=1))
     first = ExposureReader(tiny_dataset, "train", cfg, schema, epoch=1)
     it = iter(first)
@@ -161,8 +162,61 @@ def test_resume_continues_at_the_exact_row(tiny_dataset, tiny_data_config, tiny_
         assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
         assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
         assert torch.equal(a.u2i, b.u2i) and torch.equal(a.retrieval_u2i, b.retrieval_u2i)
-        assert torch.equal(a.weights, b.weights)
+        assert torch.equal(a.weights, b.weights) and torch.equal(a.retrieval_weights, b.retrieval_weights)
     assert resumed.rows_consumed == resumed.rows
+
+
+def _train_click_rate(root: Path) -> Tuple[int, int]:
+    t = pads.dataset(str(root / "train")).to_table(columns=["label"])
+    return int((t.column("label").to_numpy() > 0).sum()), t.num_rows
+
+
+def test_auto_retrieval_positives_follow_the_train_click_rate(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    """data.retrieval_positives=0: ceil(2 * train click rate * B) in [1, B], identical on every rank."""
+    _, schema = tiny_meta_schema
+    clicks, rows = _train_click_rate(tiny_dataset)
+    for B in (64, 3, 4096):
+        cfg = dataclasses.replace(tiny_data_config, retrieval_positives=0, batch_size=B, eval_batch_size=2 * B)
+        expect = min(max(-(-2 * clicks * B // rows), 1), B)
+        assert 0 < expect <= B
+        got = {ExposureReader(tiny_dataset, "train", cfg, schema, rank=r, world_size=2).num_positive_slots
+               for r in range(2)}
+        assert got == {expect}
+        eval_expect = min(max(-(-2 * clicks * 2 * B // rows), 1), 2 * B)
+        assert ExposureReader(tiny_dataset, "valid", cfg, schema).num_positive_slots == eval_expect
+    # the tiny set's click rate is well below 1/2, so auto is much smaller than the old B // 2
+    cfg = dataclasses.replace(tiny_data_config, retrieval_positives=0)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema)
+    assert reader.num_positive_slots < cfg.batch_size // 2
+    assert reader.retrieval_size == reader.num_positive_slots * (1 + cfg.negatives_per_positive)
+    assert next(iter(reader)).retrieval_size == reader.retrieval_size
+
+
+def test_overflow_clicks_are_a_seeded_subset_and_counted(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    """More clicks than slots: a uniform subset (not the first P) fills the slots; the rest are
+    counted in retrieval_clicks_dropped and stay exposure rows."""
+    _, schema = tiny_meta_schema
+    P = 2
+    cfg = dataclasses.replace(tiny_data_config, retrieval_positives=P)
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema)
+    B, K = cfg.batch_size, cfg.negatives_per_positive
+    dropped, not_first = 0, 0
+    for batch in reader:
+        kjt = batch.sparse_features
+        uid, item = kjt["user_id"].values(), kjt["item_id"].values()
+        real_click = (batch.labels > 0) & (batch.weights > 0)
+        click_rows = torch.nonzero(real_click).flatten()
+        pairs = list(zip(uid[:B][click_rows].tolist(), item[:B][click_rows].tolist()))
+        slot_real = batch.retrieval_weights.view(P, 1 + K)[:, 0] > 0
+        assert int(slot_real.sum()) == min(P, len(pairs))
+        slots = list(zip(uid[B:].view(P, 1 + K)[slot_real, 0].tolist(), item[B:].view(P, 1 + K)[slot_real, 0].tolist()))
+        assert set(slots) <= set(pairs)
+        assert len(set(slots)) == len(slots) or len(set(pairs)) < len(pairs)
+        dropped += max(0, len(pairs) - P)
+        not_first += bool(set(slots) - set(pairs[:P]))
+    assert dropped > 0 and reader.retrieval_clicks_dropped == dropped
+    assert not_first > 0, "overflow always kept the first P clicks: the subset is not random"
+    assert reader.state_dict()["retrieval_clicks_dropped"] == dropped
 
 
 def test_shuffle_is_seeded_and_changes_with_epoch(tiny_dataset, tiny_data_config, tiny_meta_schema):

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+import yaml
 
 from dig_torchrec.config import DIGConfig, DataConfig
 from dig_torchrec.data.items import ItemTable
@@ -60,6 +61,7 @@ def measure(root: str, steps: int, num_codes: int, num_layers: int, init_after: 
                 report["init_seconds"] = round(time.time() - start, 2)
                 report["tree_collisions"] = collision_rate(model.tokenizer.item_sid_table, num_codes)
                 report["eq2_after_init"] = float(model.tokenizer.init_collision_rate)
+                report["e_v_spread_at_init"] = _spread(model.corpus_item_representations(items))
                 model.train()
             opt.zero_grad()
             loss, out = model(batch)
@@ -85,10 +87,18 @@ def measure(root: str, steps: int, num_codes: int, num_layers: int, init_after: 
         "resolved_after_training": collision_rate(resolved, num_codes),
         "max_items_per_leaf_raw": int(torch.unique(raw, dim=0, return_counts=True)[1].max()),
         "identical_e_v_items": 1.0 - torch.unique(e_v, dim=0).shape[0] / e_v.shape[0],
+        "e_v_spread_after_training": _spread(e_v),
+        "codes_used_per_layer_raw": [int(torch.unique(raw[:, l]).numel()) for l in range(num_layers)],
+        "dead_restarts": model.tokenizer.quantizer.dead_restarts.tolist(),
         "train_seconds": round(time.time() - t0, 1),
         "curve": curve,
     })
     return report
+
+
+def _spread(e_v: torch.Tensor) -> float:
+    """Mean per-dimension std of e_v across items (collapse diagnostic)."""
+    return float(e_v.std(0).mean())
 
 
 @pytest.mark.slow
@@ -109,9 +119,14 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--include-item-id", default="true")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--set", action="append", default=[], help="section.key=value (YAML value), repeatable")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
-    over = {"tokenizer": {"include_item_id": args.include_item_id == "true"}}
+    over: Dict[str, Dict[str, object]] = {"tokenizer": {"include_item_id": args.include_item_id == "true"}}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        over.setdefault(section, {})[name] = yaml.safe_load(value)
     print(json.dumps(measure(args.data, args.steps, args.codes, args.layers, args.init_after, args.dim,
                              batch_size=args.batch_size, overrides=over), indent=1))
 

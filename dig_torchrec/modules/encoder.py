@@ -61,7 +61,9 @@ class ItemEncoder(nn.Module):
         self.field_embedding = nn.Parameter(torch.empty(num_fields, dim, device=device))
         self.reset_parameters()
         self.blocks = nn.ModuleList([_EncoderBlock(dim, heads, device=device) for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(dim, device=device)
+        # no affine: a learnable gain could shrink to 0 and collapse every e_v onto one code
+        # (the cheapest way to zero L_commit and L_sem), see the README
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, device=device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
