@@ -323,6 +323,8 @@ def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[st
     spec = {"variant": variant, "batch_size": args.batch_size, "users": args.users, "items": args.items,
             "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "pool": args.pool,
             "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer}
+    # the machine is shared: measure the matmul peak right before each run, under the same load
+    peak_now = matmul_peak_flops(threads=args.threads_per_rank, seconds=2.0)["median_flops"]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result")
         load0 = os.getloadavg()
@@ -333,6 +335,7 @@ def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[st
         results = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
     for r in results:
         r["wall_seconds"] = wall
+        r["matmul_peak_flops"] = peak_now
         r["loadavg_start"], r["loadavg_end"] = list(load0), list(os.getloadavg())
     return results
 
@@ -349,6 +352,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
         for world, rounds in per_world.items():
             # global samples/s of a round: all ranks step together (collectives), so W * B / step time of the slowest rank
             sps = [world * args.batch_size / max(r["median_step_seconds"] for r in ranks) for ranks in rounds]
+            peaks = [ranks[0].get("matmul_peak_flops") or peak["median_flops"] for ranks in rounds]
             ranks_last = rounds[-1]
             per_rank = []
             for rk in range(world):
@@ -377,6 +381,9 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
                 "samples_per_s": median(sps), "samples_per_s_rounds": sps,
                 "model_flops_per_sample": f,
                 "model_flops_per_s": median(sps) * f if f else None,
+                # per round: model FLOP/s over (matmul peak measured just before that run x ranks)
+                "mfu": median([x * f / (pk * world) for x, pk in zip(sps, peaks)]) if f else None,
+                "matmul_peak_flops_rounds": peaks,
                 "per_rank": per_rank,
                 "sharding": ranks_last[0].get("sharding"),
                 "retrieval_rows_per_step": ranks_last[0]["retrieval_rows"],
@@ -390,8 +397,8 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
     top_w = max(args.world_sizes)
     dig_vs_rank = sps("dig", top_w) / sps("rank_only", top_w)
     trec_vs_plain = sps("dig", top_w) / sps("plain", top_w)
-    def mfu_at(w: int) -> float:  # peak: the measured per-rank matmul rate times the ranks
-        return (details.get(f"dig@{w}", {}).get("model_flops_per_s") or float("nan")) / (peak["median_flops"] * w)
+    def mfu_at(w: int) -> float:
+        return details.get(f"dig@{w}", {}).get("mfu") or float("nan")
 
     mfu = mfu_at(top_w)
     rss_ok = {k: all(r["rss_over_tables_and_optimizer"] <= 1.5 for r in d["per_rank"]) for k, d in details.items()}
@@ -425,7 +432,8 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
                                "model on 2 ranks (full table replicas, sparse all-reduce)",
             "samples": "exposure rows (B per rank per step); DIG additionally trains on R retrieval rows per step",
             "mfu": "model FLOP/s (fwd+bwd matmul FLOPs per exposure sample from FlopCounterMode x samples/s) / "
-                   "(median fp32 matmul FLOP/s of a 2048^3 product with one rank's threads x ranks)",
+                   "(median fp32 matmul FLOP/s of a 2048^3 product with one rank's threads, measured right "
+                   "before the run, x ranks); median over rounds",
             "rss_goal": "peak RSS of each rank <= 1.5 x (its table shards + sparse optimizer state)",
         },
         "matmul_peak": peak,
@@ -505,6 +513,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         reused = json.loads(Path(args.reuse).read_text())
         for r in reused["raw_runs"]:
             r["invocation"] = r.get("invocation", 0)
+            for rk in r["ranks"]:  # runs measured before per-run peaks: that invocation's start peak
+                rk.setdefault("matmul_peak_flops", reused["matmul_peak"]["median_flops"])
         runs.extend(reused["raw_runs"])
         logger.info("reusing %d runs from %s", len(runs), args.reuse)
     invocation = 1 + max((r["invocation"] for r in runs), default=-1)
