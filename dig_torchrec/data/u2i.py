@@ -1,0 +1,312 @@
+"""u2i cross features as a documented function of (``user_state``, item features).
+
+Paper §3.1 / §4.1: u2i (``c_{u,v}``) are user-item cross features built from *prefix
+accumulated* statistics, so a row never sees its own or later events. Here they are an
+explicit function, so they can be recomputed for ANY candidate item: the random negatives
+of the retrieval rows, full-corpus ranking and reranking (Eq. 6 / Eq. 17 input).
+
+Definitions
+-----------
+* ``meta.u2i_fields`` = ``[f_1 .. f_F]``: item-side fields u2i is computed over (for example
+  ``category``, ``brand``). A field is either an int64 item feature column (one value per
+  item) or a multi-valued ``list<int64>`` column of ``items.parquet`` (for example MovieLens
+  ``genres``) whose cardinality is in ``meta.extra["u2i_field_cardinality"]``.
+* A *u2i key* is a global int64 id of a (field, value) pair:
+  ``key = key_offset[f] + value`` with ``key_offset`` the running sum of the fields'
+  cardinalities in ``u2i_fields`` order (``U2ISpec.key_offsets``).
+* ``meta.u2i_stats`` = ``[s_0 .. s_{S-1}]``: the per-key statistics a user accumulates;
+  ``s_0`` is always the exposure (impression) count ``n``; the others are sums such as
+  clicks or rating sum.
+* ``user_state`` (stored on every click row): the user's statistics on every key seen at an
+  event with a timestamp STRICTLY earlier than the row's, as a parquet
+  ``list<struct<key: int64, <s_0>: float32, ..., <s_{S-1}>: float32>>`` with keys sorted
+  ascending. Non-click rows store null (their u2i is still stored).
+* For candidate item ``v`` and field ``f``: ``agg_f = sum over v's keys k in f of
+  float64(state[k])`` (a missing key contributes 0; single-valued fields have one key),
+  and with ``n = agg_f[s_0]``::
+
+      u2i[f*S + 0] = log1p(n)
+      u2i[f*S + j] = agg_f[s_j] / max(n, 1)      (transform "rate", the default, j >= 1)
+      u2i[f*S + j] = log1p(agg_f[s_j])           (transform "log1p", j >= 1)
+
+  computed in float64 and cast to float32. ``d_c = F * S``. Per-stat transforms come from
+  ``meta.extra["u2i_transforms"]`` (a list of S names; entry 0 is always ``log1p``).
+
+The dataset builders compute the stored ``u2i`` column with :func:`u2i_from_field_stats`
+on the same float32-rounded statistics they store in ``user_state``, so recomputing from
+``user_state`` gives the stored column bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dig_torchrec.data.schema import DatasetMeta
+from dig_torchrec.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dig_torchrec.data.items import ItemTable
+
+STATE_KEY = "key"
+TRANSFORMS = ("log1p", "rate")
+
+
+@dataclass(frozen=True)
+class U2ISpec:
+    """The u2i layout of one dataset (derived from :class:`DatasetMeta`)."""
+
+    fields: List[str]
+    stats: List[str]
+    transforms: List[str]
+    field_cardinality: List[int]
+
+    @property
+    def key_offsets(self) -> List[int]:
+        """``key_offset[f]``: first global u2i key of field f (length F + 1)."""
+        out = [0]
+        for c in self.field_cardinality:
+            out.append(out[-1] + int(c))
+        return out
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_offsets[-1]
+
+    @property
+    def dim(self) -> int:
+        """d_c = F * S."""
+        return len(self.fields) * len(self.stats)
+
+    def feature_names(self) -> List[str]:
+        return [f"{f}.{'log1p_' + s if t == 'log1p' else s + '_rate'}"
+                for f in self.fields for s, t in zip(self.stats, self.transforms)]
+
+    @classmethod
+    def from_meta(cls, meta: DatasetMeta) -> "U2ISpec":
+        fields = list(meta.u2i_fields)
+        stats = list(meta.u2i_stats)
+        if not fields or not stats:
+            raise DataError(f"meta.json of '{meta.name}': u2i_fields and u2i_stats must be non-empty")
+        multi = dict(meta.extra.get("u2i_field_cardinality", {}) or {})
+        card = []
+        for f in fields:
+            if f in multi:
+                card.append(int(multi[f]))
+            elif f in meta.item_features:
+                card.append(int(meta.item_features[f]))
+            else:
+                raise DataError(
+                    f"meta.json of '{meta.name}': u2i field '{f}' is neither an item feature nor listed in "
+                    f"extra.u2i_field_cardinality"
+                )
+        transforms = list(meta.extra.get("u2i_transforms", []) or default_transforms(len(stats)))
+        if len(transforms) != len(stats) or transforms[0] != "log1p" or any(t not in TRANSFORMS for t in transforms):
+            raise DataError(
+                f"meta.json of '{meta.name}': extra.u2i_transforms={transforms} must have {len(stats)} entries "
+                f"from {TRANSFORMS}, the first 'log1p'"
+            )
+        spec = cls(fields=fields, stats=stats, transforms=transforms, field_cardinality=card)
+        if meta.u2i_dim != spec.dim:
+            raise DataError(
+                f"meta.json of '{meta.name}': u2i_dim={meta.u2i_dim} but len(u2i_fields) * len(u2i_stats) = {spec.dim}"
+            )
+        return spec
+
+
+def default_transforms(num_stats: int) -> List[str]:
+    return ["log1p"] + ["rate"] * (num_stats - 1)
+
+
+def u2i_from_field_stats(agg: torch.Tensor, transforms: Sequence[str]) -> torch.Tensor:
+    """The u2i formula (module docstring) on per-field aggregated statistics.
+
+    Args:
+        agg: float64 ``[N, F, S]`` statistics of each candidate's keys, summed per field.
+        transforms: S transform names; entry 0 applies to the exposure count ``n``.
+
+    Returns:
+        float32 ``[N, F * S]``.
+    """
+    agg = agg.to(torch.float64)
+    n = agg[..., 0]
+    denom = n.clamp(min=1.0)
+    cols = [torch.log1p(n)]
+    for j in range(1, agg.shape[-1]):
+        cols.append(torch.log1p(agg[..., j]) if transforms[j] == "log1p" else agg[..., j] / denom)
+    out = torch.stack(cols, dim=-1)  # [N, F, S]
+    return out.reshape(agg.shape[0], -1).to(torch.float32)
+
+
+class UserStates:
+    """Jagged user states of S users: ``offsets [S+1]``, ``keys [T]`` (ascending within a
+    state), ``stats [T, num_stats]`` float32. An absent (null) state is empty."""
+
+    def __init__(self, offsets: torch.Tensor, keys: torch.Tensor, stats: torch.Tensor) -> None:
+        self.offsets = offsets.to(torch.long)
+        self.keys = keys.to(torch.long)
+        self.stats = stats.to(torch.float32)
+        self._composite: Optional[torch.Tensor] = None
+        self._stride: int = 0
+
+    def __len__(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    @property
+    def num_stats(self) -> int:
+        return int(self.stats.shape[1])
+
+    @classmethod
+    def empty(cls, num_states: int, num_stats: int) -> "UserStates":
+        return cls(torch.zeros(num_states + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, num_stats, dtype=torch.float32))
+
+    @classmethod
+    def from_arrow(cls, array: pa.Array | pa.ChunkedArray, stat_names: Optional[Sequence[str]] = None) -> "UserStates":
+        """Parse a ``user_state`` column (``list<struct<key, s_0..s_{S-1}>>``; nulls -> empty).
+
+        Args:
+            array: the column (a slice is fine).
+            stat_names: the stat fields to read, in order; default all non-key struct fields.
+        """
+        if isinstance(array, pa.ChunkedArray):
+            array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+        struct_type = array.type.value_type
+        names = list(stat_names) if stat_names is not None else [
+            struct_type.field(i).name for i in range(struct_type.num_fields) if struct_type.field(i).name != STATE_KEY
+        ]
+        lengths = array.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = array.flatten()  # honours the slice offset and skips null slots
+        if len(flat) != offsets[-1]:
+            raise DataError(f"user_state column: {len(flat)} entries but list lengths sum to {offsets[-1]}")
+        keys = flat.field(STATE_KEY).to_numpy(zero_copy_only=False).astype(np.int64)
+        if names:
+            stats = np.stack([flat.field(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names], axis=1)
+        else:
+            stats = np.zeros((len(keys), 0), dtype=np.float32)
+        return cls(torch.from_numpy(offsets), torch.from_numpy(keys), torch.from_numpy(stats))
+
+    def to_arrow(self, stat_names: Sequence[str], valid: Optional[np.ndarray] = None) -> pa.Array:
+        """Inverse of :meth:`from_arrow` (``valid[i]`` False writes a null)."""
+        return states_to_arrow(self.offsets.numpy(), self.keys.numpy(), self.stats.numpy(), stat_names, valid)
+
+    def select(self, idx: torch.Tensor) -> "UserStates":
+        """States ``idx[0], idx[1], ...`` as a new :class:`UserStates` (vectorized gather)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        starts = self.offsets[idx]
+        lens = self.offsets[idx + 1] - starts
+        new_offsets = torch.zeros(idx.numel() + 1, dtype=torch.long)
+        torch.cumsum(lens, 0, out=new_offsets[1:])
+        flat = _expand_ranges(starts, lens, new_offsets)
+        return UserStates(new_offsets, self.keys[flat], self.stats[flat])
+
+    def composite(self, stride: int) -> torch.Tensor:
+        """Globally sorted ``state_index * stride + key`` (cached) for vectorized lookup."""
+        if self._composite is None or self._stride != stride:
+            seg = torch.repeat_interleave(torch.arange(len(self), dtype=torch.long), self.offsets.diff())
+            self._composite = seg * stride + self.keys
+            self._stride = stride
+        return self._composite
+
+    def lookup(self, state_index: torch.Tensor, keys: torch.Tensor, stride: int) -> torch.Tensor:
+        """float32 stats ``[M, num_stats]`` of ``keys[m]`` in state ``state_index[m]`` (0 if absent)."""
+        comp = self.composite(stride)
+        query = state_index.to(torch.long) * stride + keys.to(torch.long)
+        out = torch.zeros(query.numel(), self.num_stats, dtype=torch.float32)
+        if comp.numel() == 0 or query.numel() == 0:
+            return out
+        pos = torch.searchsorted(comp, query).clamp(max=comp.numel() - 1)
+        hit = comp[pos] == query
+        out[hit] = self.stats[pos[hit]]
+        return out
+
+
+def _expand_ranges(starts: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``[starts[i], starts[i] + lens[i])`` concatenated over i."""
+    total = int(offsets[-1])
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), dtype=torch.long), lens)
+    return starts[seg] + (torch.arange(total, dtype=torch.long) - offsets[:-1][seg])
+
+
+def states_to_arrow(offsets: np.ndarray, keys: np.ndarray, stats: np.ndarray, stat_names: Sequence[str],
+                    valid: Optional[np.ndarray] = None) -> pa.Array:
+    """Build the ``user_state`` parquet column from jagged numpy arrays."""
+    children = [pa.array(keys.astype(np.int64), type=pa.int64())]
+    children += [pa.array(stats[:, j].astype(np.float32), type=pa.float32()) for j in range(len(stat_names))]
+    struct = pa.StructArray.from_arrays(children, names=[STATE_KEY, *stat_names])
+    mask = None if valid is None else pa.array(~valid.astype(bool))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), struct, mask=mask)
+
+
+def user_state_type(stat_names: Sequence[str]) -> pa.DataType:
+    return pa.list_(pa.struct([pa.field(STATE_KEY, pa.int64())] + [pa.field(n, pa.float32()) for n in stat_names]))
+
+
+class U2IFunction:
+    """u2i of candidate items for given user states (module docstring), fully vectorized.
+
+    Args:
+        meta: the dataset metadata (u2i fields, stats, transforms).
+        items: the item table (per-item u2i keys of every field).
+    """
+
+    def __init__(self, meta: DatasetMeta, items: "ItemTable") -> None:
+        self.spec = U2ISpec.from_meta(meta)
+        self.items = items
+        self.stride = max(self.spec.num_keys, 1)
+        # per field: CSR of the item's global u2i keys
+        self._item_keys = items.u2i_keys
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def __call__(self, states: UserStates, state_index: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """u2i ``[N, d_c]`` of ``item_ids[n]`` for the user whose state is ``states[state_index[n]]``.
+
+        Args:
+            states: jagged user states.
+            state_index: LongTensor ``[N]`` into ``states``.
+            item_ids: LongTensor ``[N]`` of candidate items.
+        """
+        state_index = torch.as_tensor(state_index, dtype=torch.long).reshape(-1)
+        item_ids = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1)
+        if state_index.numel() == 1 and item_ids.numel() > 1:
+            state_index = state_index.expand(item_ids.numel())
+        n = item_ids.numel()
+        if state_index.numel() != n:
+            raise ValueError(f"state_index has {state_index.numel()} entries, item_ids {n}")
+        F, S = len(self.spec.fields), len(self.spec.stats)
+        agg = torch.zeros(n, F, S, dtype=torch.float64)
+        for f, (key_offsets, keys) in enumerate(self._item_keys):
+            starts = key_offsets[item_ids]
+            lens = key_offsets[item_ids + 1] - starts
+            if bool((lens == 1).all()):
+                stats = states.lookup(state_index, keys[starts], self.stride)
+                agg[:, f, :] = stats.to(torch.float64)
+            else:
+                offs = torch.zeros(n + 1, dtype=torch.long)
+                torch.cumsum(lens, 0, out=offs[1:])
+                flat = _expand_ranges(starts, lens, offs)
+                row = torch.repeat_interleave(torch.arange(n, dtype=torch.long), lens)
+                stats = states.lookup(state_index[row], keys[flat], self.stride)
+                agg[:, f, :].index_add_(0, row, stats.to(torch.float64))
+        return u2i_from_field_stats(agg, self.spec.transforms)
+
+
+def field_of_key(spec: U2ISpec, keys: np.ndarray) -> np.ndarray:
+    """Field index of each global u2i key."""
+    return np.searchsorted(np.asarray(spec.key_offsets[1:]), keys, side="right")
+
+
+def describe(spec: U2ISpec) -> Dict[str, object]:
+    """A JSON-able description (written to ``meta.extra['u2i']``)."""
+    return {"features": spec.feature_names(), "key_offsets": spec.key_offsets, "transforms": spec.transforms}
