@@ -336,6 +336,7 @@ def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[st
     for r in results:
         r["wall_seconds"] = wall
         r["matmul_peak_flops"] = peak_now
+        r["matmul_peak_measured_before_run"] = True
         r["loadavg_start"], r["loadavg_end"] = list(load0), list(os.getloadavg())
     return results
 
@@ -353,6 +354,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
             # global samples/s of a round: all ranks step together (collectives), so W * B / step time of the slowest rank
             sps = [world * args.batch_size / max(r["median_step_seconds"] for r in ranks) for ranks in rounds]
             peaks = [ranks[0].get("matmul_peak_flops") or peak["median_flops"] for ranks in rounds]
+            own_peak = [bool(ranks[0].get("matmul_peak_measured_before_run")) for ranks in rounds]
             ranks_last = rounds[-1]
             per_rank = []
             for rk in range(world):
@@ -382,7 +384,8 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
                 "model_flops_per_sample": f,
                 "model_flops_per_s": median(sps) * f if f else None,
                 # per round: model FLOP/s over (matmul peak measured just before that run x ranks)
-                "mfu": median([x * f / (pk * world) for x, pk in zip(sps, peaks)]) if f else None,
+                "mfu": median([x * f / (pk * world) for x, pk, own in zip(sps, peaks, own_peak) if own or not any(own_peak)])
+                if f else None,
                 "matmul_peak_flops_rounds": peaks,
                 "per_rank": per_rank,
                 "sharding": ranks_last[0].get("sharding"),
@@ -433,7 +436,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
             "samples": "exposure rows (B per rank per step); DIG additionally trains on R retrieval rows per step",
             "mfu": "model FLOP/s (fwd+bwd matmul FLOPs per exposure sample from FlopCounterMode x samples/s) / "
                    "(median fp32 matmul FLOP/s of a 2048^3 product with one rank's threads, measured right "
-                   "before the run, x ranks); median over rounds",
+                   "before the run, x ranks); median over the rounds that measured such a peak",
             "rss_goal": "peak RSS of each rank <= 1.5 x (its table shards + sparse optimizer state)",
         },
         "matmul_peak": peak,
@@ -457,11 +460,12 @@ def plot(summary: Dict[str, Any], path: Path) -> None:
     for i, v in enumerate(variants):
         ys = [d.get(f"{v}@{w}", {}).get("samples_per_s", 0) for w in worlds]
         ax1.bar([w + (i - (len(variants) - 1) / 2) * width for w in worlds], ys, width, label=v)
+    ax1.set_yscale("log")
     ax1.set_xticks(worlds)
     ax1.set_xlabel("local ranks (gloo, CPU)")
     ax1.set_ylabel("samples/s (exposure rows, all ranks)")
     ax1.set_title("training throughput, industrial_large tables")
-    ax1.legend()
+    ax1.legend(fontsize=8, loc="lower right")
     keys = [k for k in d]
     bottom = [0.0] * len(keys)
     for p in PHASES:
@@ -513,8 +517,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         reused = json.loads(Path(args.reuse).read_text())
         for r in reused["raw_runs"]:
             r["invocation"] = r.get("invocation", 0)
-            for rk in r["ranks"]:  # runs measured before per-run peaks: that invocation's start peak
-                rk.setdefault("matmul_peak_flops", reused["matmul_peak"]["median_flops"])
+            for rk in r["ranks"]:  # runs made before per-run peaks: that invocation's start peak (not used for MFU)
+                if "matmul_peak_flops" not in rk:
+                    rk["matmul_peak_flops"] = reused["matmul_peak"]["median_flops"]
+                    rk["matmul_peak_measured_before_run"] = False
         runs.extend(reused["raw_runs"])
         logger.info("reusing %d runs from %s", len(runs), args.reuse)
     invocation = 1 + max((r["invocation"] for r in runs), default=-1)

@@ -9,7 +9,7 @@ from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.schema import FeatureSchema
 from dig_torchrec.model import DIGModel, DIGOutput
 from dig_torchrec.modules.balanced_kmeans import collision_rate
-from test_model_helpers import all_item_e_v, item_features, item_kjt, make_batch, tiny_config, tiny_meta
+from test_model_helpers import all_item_e_v, item_features, make_batch, tiny_config, tiny_meta
 
 
 def _trained_model(**sections) -> DIGModel:
@@ -119,7 +119,6 @@ def test_initialize_tokenizer_gives_collision_free_table_and_records_eq2_rate():
 
 
 def test_forward_on_a_reader_batch(tiny_dataset, tiny_data_config, tiny_meta_schema):
-    from dig_torchrec.config import DIGConfig
     from dig_torchrec.data.reader import ExposureReader
 
     meta, schema = tiny_meta_schema

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
@@ -103,10 +102,13 @@ def _spread(e_v: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_resolved_sid_table_has_at_most_one_percent_collisions(tiny_dataset):
-    report = measure(str(tiny_dataset), steps=60, num_codes=16, num_layers=3, init_after=10, dim=16,
+    # 150 items, K=64, L=2: last-layer resolution can separate up to 64 items per layer-1 token.
+    # (At K=16, L=3 a collapsed prefix can exceed K items, which last-layer resolution cannot split.)
+    report = measure(str(tiny_dataset), steps=60, num_codes=64, num_layers=2, init_after=10, dim=16,
                      batch_size=64, history=5)
     assert report["tree_collisions"] == 0.0
     assert report["resolved_after_training"] <= 0.01, report
+    assert report["resolved_after_training"] <= report["eq2_after_training"]
 
 
 def main() -> None:
