@@ -16,7 +16,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reliability_cases as rc  # noqa: E402
 
-TABLE = rc.REPO / ".readme_parts" / "troubleshooting.md"
+README = rc.REPO / "README.md"
+START, END = "<!-- troubleshooting-table:start -->", "<!-- troubleshooting-table:end -->"
+
+
+def readme_table() -> str:
+    """The generated block of README.md (between the markers)."""
+    text = README.read_text()
+    assert START in text and END in text, f"{README} lacks the {START} ... {END} markers"
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def write_readme_table(table: str) -> None:
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    README.write_text(f"{head}{START}\n{table.rstrip()}\n{END}{tail}")
 
 
 def test_troubleshooting_table_is_up_to_date(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> None:
@@ -24,8 +39,7 @@ def test_troubleshooting_table_is_up_to_date(tmp_path_factory: pytest.TempPathFa
     table = rc.render_table(rc.run_all(ws))
     for case in rc.CASES:  # every case is in it, with its exit code and message
         assert f"| {case.title} | 2 | `error: " in table
-    assert TABLE.is_file(), f"{TABLE} missing: run .venv/bin/python tests/test_troubleshooting_table.py"
-    assert TABLE.read_text() == table, f"{TABLE} is stale: run .venv/bin/python tests/test_troubleshooting_table.py"
+    assert readme_table() == table, f"{README} troubleshooting table is stale: run .venv/bin/python tests/test_troubleshooting_table.py"
 
 
 def main() -> int:
@@ -38,9 +52,8 @@ def main() -> int:
         data = Path(tmp) / "micro"
         generate(preset("micro", seed=0), data, processes=1)  # the same dataset as tests/conftest.py
         ws = rc.make_workspace(Path(tmp) / "bad-input", data)
-        TABLE.parent.mkdir(parents=True, exist_ok=True)
-        TABLE.write_text(rc.render_table(rc.run_all(ws)))
-    print(f"wrote {TABLE}")
+        write_readme_table(rc.render_table(rc.run_all(ws)))
+    print(f"updated the troubleshooting table in {README}")
     return 0
 
 
