@@ -145,7 +145,8 @@ def test_train_throughput_runs_end_to_end(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     for key in ("dig_vs_rank_only", "torchrec_vs_plain_pytorch", "mfu"):
         assert isinstance(res[key], float) and res[key] > 0
-    assert set(res["samples_per_s"]) == {f"{v}@{w}" for v in ("dig", "rank_only", "plain") for w in (1, 2)}
+    assert set(res["samples_per_s"]) == {f"{v}@{w}" for v in ("dig", "rank_only", "plain", "plain_rank_only")
+                                         for w in (1, 2)}
     assert out.with_suffix(".png").stat().st_size > 0
     split = res["details"]["dig@2"]["per_rank"][0]["split_seconds_per_step"]
     assert split["forward"] > 0 and split["backward"] > 0
