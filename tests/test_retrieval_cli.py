@@ -40,7 +40,7 @@ def checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_dig_eval_writes_flat_json_and_sid_index(checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "metrics.json"
-    rc = dig_main(["eval", "--checkpoint", str(checkpoint), "--out", str(out), "--max-users", "20",
+    rc = dig_main(["eval", "--checkpoint", str(checkpoint), "--out", str(out), "--max-users", "12",
                    "--max-exposure-batches", "1", "--no-progress", "--exclude-history"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -49,7 +49,7 @@ def test_dig_eval_writes_flat_json_and_sid_index(checkpoint: Path, tmp_path: Pat
     for k in ("rank_auc", "recall_auc", "recall@10", "ndcg@10", "recall@5", "ndcg@5", "unified_recall@10",
               "beam_fidelity@10", "collision_rate"):
         assert isinstance(res[k], float), k
-    assert res["candidates"] == "exclude_history" and res["num_users"] == 20
+    assert res["candidates"] == "exclude_history" and res["num_users"] == 12
     assert res["beam_size"] == 10  # widened from eval.beam_size=8 to the largest cutoff
     # the index is stored beside the checkpoint it was built from
     assert pq.read_table(checkpoint / "sid_index" / "sid_table.parquet").num_rows == res["num_items"]
