@@ -105,22 +105,8 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def write_json(obj: Dict[str, Any], path: str | Path) -> None:
-    """Write ``obj`` as indented JSON (NaN/inf as null) via a temp file."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2))
-    tmp.replace(p)
+# JSON with NaN/inf as null, written via a temp file: the same writer `dig eval` uses.
+from dig_torchrec.retrieval.evaluate import write_json  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------- data
