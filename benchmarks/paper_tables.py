@@ -17,7 +17,9 @@ w/o inference MLP_u2t      (DIG's checkpoint)                              u2t.i
 w/o both (Table 6)         (w/o training-side u2i's checkpoint)            u2t.inference=none
 last-layer supervision     loss.recall_supervision=last_layer              --
 recall samples = exposure  loss.recall_samples=exposure                    --
-popularity                 (from DIG's evaluation)                         --
+DIG, beam 16               (DIG's checkpoint)                              eval.beam_size=16
+DIG, exclude history       (DIG's checkpoint)                              --exclude-history
+popularity                 (from DIG's evaluations)                        --
 =========================  ==============================================  =====================
 
 and writes mean ± std over seeds as markdown (``--out``) plus every raw metric as JSON
@@ -58,6 +60,7 @@ class Variant:
     evaluate: Sequence[str] = ()  # evaluation-time overrides
     reuse: Optional[str] = None  # evaluate this other variant's checkpoint instead of training
     note: str = ""
+    eval_flags: Sequence[str] = ()  # extra `dig eval` flags
 
 
 VARIANTS: List[Variant] = [
@@ -70,6 +73,10 @@ VARIANTS: List[Variant] = [
     Variant("w/o both", evaluate=("u2t.inference=none",), reuse="w/o training-side u2i", note="Table 6"),
     Variant("last-layer supervision", train=("loss.recall_supervision=last_layer",), note="Ablation 4"),
     Variant("recall samples = exposure", train=("loss.recall_samples=exposure",), note="issue 3 switch"),
+    # extra evaluations of DIG's checkpoint: a narrow beam (fidelity is only informative when
+    # B is well below the number of valid depth-(L-1) prefixes) and the exclude-history protocol
+    Variant("DIG, beam 16", evaluate=("eval.beam_size=16", "eval.topk=[10]"), reuse="DIG", note="fidelity"),
+    Variant("DIG, exclude history", reuse="DIG", eval_flags=("--exclude-history",), note="protocol"),
 ]
 
 
@@ -114,7 +121,7 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
         run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *overrides], run_dir / "train.log")
     ckpt = latest_checkpoint(run_dir)
     cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
-           "--split", args.split, *args.eval_overrides, *variant.evaluate]
+           "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]
     if variant.name != "DIG":  # the item-space upper bound is reported once, for DIG
         cmd.append("--no-full-ranking")
     if args.max_users:
@@ -135,9 +142,13 @@ def _num(x: object) -> float:
 
 
 def ms(results: List[Dict[str, object]], key: str, digits: int = 4) -> str:
-    m, s = mean_std(_num(r.get(key)) for r in results)
+    """``mean ± std`` over seeds; just the value for a single seed (no spread to show)."""
+    vals = [_num(r.get(key)) for r in results]
+    m, s = mean_std(vals)
     if math.isnan(m):
         return "n/a"
+    if sum(not math.isnan(v) for v in vals) == 1:
+        return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -160,14 +171,19 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
     a("")
     first = dig[0]
     a(f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, "
-      f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
-      f"wall time {elapsed / 60:.1f} min")
+      f"{os.cpu_count()} CPUs (shared with other jobs), {platform.system()} {platform.release()}, "
+      f"Python {platform.python_version()}; wall time of the last invocation {elapsed / 60:.1f} min "
+      f"(cached runs are reused)")
     a(f"- split: `{first.get('split')}`, {first.get('num_users')} target users (leave-last-out), "
       f"{first.get('num_items')} items, candidates: `{first.get('candidates')}`; full corpus, no sampled negatives")
     a(f"- SID: L={first.get('sid_shape', {}).get('num_layers')}, K={first.get('sid_shape', {}).get('num_codes')}; "
       f"beam size {first.get('beam_size')} (config {first.get('beam_size_config')}, widened to the largest K of "
       f"Recall@K); unified = beam top-{first.get('unified_top_n')} reranked by the rank path")
-    a("- values are mean ± sample std over seeds (train.seed = data.seed = seed)")
+    p10, n_users = mean(dig, "recall@10"), float(first.get("num_users") or 1)
+    se = math.sqrt(max(p10 * (1 - p10), 0.0) / n_users)
+    a("- values are mean ± sample std over seeds (train.seed = data.seed = seed)" if seeds > 1 else
+      f"- ONE seed (seed {args.first_seed}): single values, no seed spread. For scale, the binomial standard "
+      f"error of DIG's R@10 over {int(n_users)} users is ±{se:.4f}")
     a("")
     a("## Main retrieval results (cf. Table 2)")
     a("")
@@ -177,9 +193,12 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
         r = res[v.name]
         a(f"| {v.name} | {ms(r, 'recall@10')} | {ms(r, 'ndcg@10')} | {ms(r, 'recall@50')} | {ms(r, 'ndcg@50')} | "
           f"{ms(r, 'recall@100')} | {ms(r, 'ndcg@100')} | {ms(r, 'unified_recall@10')} | {ms(r, 'beam_fidelity@10')} |")
-    a(f"| Popularity | {ms(dig, 'popularity_recall@10')} | {ms(dig, 'popularity_ndcg@10')} | "
-      f"{ms(dig, 'popularity_recall@50')} | {ms(dig, 'popularity_ndcg@50')} | {ms(dig, 'popularity_recall@100')} | "
-      f"{ms(dig, 'popularity_ndcg@100')} | – | – |")
+    for label, r in (("Popularity", dig), ("Popularity, exclude history", res.get("DIG, exclude history") or [])):
+        if not r:
+            continue
+        a(f"| {label} | {ms(r, 'popularity_recall@10')} | {ms(r, 'popularity_ndcg@10')} | "
+          f"{ms(r, 'popularity_recall@50')} | {ms(r, 'popularity_ndcg@50')} | {ms(r, 'popularity_recall@100')} | "
+          f"{ms(r, 'popularity_ndcg@100')} | – | – |")
     a(f"| DIG, exhaustive leaf search | {ms(dig, 'exhaustive_recall@10')} | {ms(dig, 'exhaustive_ndcg@10')} | "
       f"{ms(dig, 'exhaustive_recall@50')} | {ms(dig, 'exhaustive_ndcg@50')} | {ms(dig, 'exhaustive_recall@100')} | "
       f"{ms(dig, 'exhaustive_ndcg@100')} | – | – |")
@@ -254,6 +273,12 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
     for text, ok, nums in claims:
         a(f"| {text} | {'yes' if ok else '**no**'} | {nums} |")
     a("")
+    notes = getattr(args, "notes", None)
+    if notes and Path(notes).exists():
+        a("## Findings")
+        a("")
+        a(Path(notes).read_text().strip())
+        a("")
     a("Per-seed raw metrics: the JSON file next to this one.")
     return "\n".join(lines) + "\n"
 
@@ -270,6 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--exclude-history", action="store_true")
     p.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate even if cached")
+    p.add_argument("--notes", default=None, help="markdown appended as a 'Findings' section (analysis of the run)")
     p.add_argument("--eval-overrides", nargs="*", default=[], help="extra overrides for every `dig eval`")
     p.add_argument("overrides", nargs="*", help="extra training overrides for every variant (e.g. train.epochs=4)")
     args = p.parse_args(argv)
