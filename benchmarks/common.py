@@ -137,29 +137,36 @@ def industrial_meta(num_users: int = 20_000_000, num_items: int = 500_000, *, nu
 class SyntheticBatches:
     """An endless cycle over ``pool`` pre-made :class:`DIGBatch` es of random ids in range.
 
-    Each batch has B exposure rows (labels ~ Bernoulli(0.1)) followed by R retrieval rows
-    (one click then ``negatives`` negatives per slot), history bags of 0 or 1 ids
-    (80% filled), and random u2i. Making them up front keeps batch generation out of the
-    timed steps: the benchmark measures training, not a reader.
+    Each batch is shaped like one of :class:`~dig_torchrec.data.reader.ExposureReader`'s:
+    B exposure rows with labels ~ Bernoulli(``click_rate``), then ``positive_slots`` P
+    retrieval slots of ``1 + negatives`` rows each (the click, then its negatives). The
+    batch's clicks fill the slots in order; slots left over are weight-0 padding (the
+    model skips them) and clicks beyond P are dropped, as in the reader. History bags hold
+    0 or 1 ids (80% filled) and u2i is random. Making the batches up front keeps batch
+    generation out of the timed steps: the benchmark measures training, not a reader.
 
     Args:
         schema: feature layout.
         batch_size: B.
-        retrieval_rows: R (0: no recall rows, e.g. for the rank-only model).
+        positive_slots: P (0: no retrieval rows, e.g. for the rank-only model).
         u2i_dim: d_c.
         pool: distinct batches to cycle through.
         seed: RNG seed (use a different one per rank).
-        negatives: negatives per retrieval slot (for the retrieval labels).
+        negatives: negatives per retrieval slot.
+        click_rate: Bernoulli rate of the exposure labels.
     """
 
-    def __init__(self, schema: FeatureSchema, batch_size: int, retrieval_rows: int, u2i_dim: int, *,
-                 pool: int = 8, seed: int = 0, negatives: int = 4) -> None:
+    def __init__(self, schema: FeatureSchema, batch_size: int, positive_slots: int, u2i_dim: int, *,
+                 pool: int = 8, seed: int = 0, negatives: int = 4, click_rate: float = 0.1) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.batches = [self._make(schema, batch_size, retrieval_rows, u2i_dim, negatives, g) for _ in range(pool)]
+        self.batches = [self._make(schema, batch_size, positive_slots, u2i_dim, negatives, click_rate, g)
+                        for _ in range(pool)]
         self._i = 0
 
     @staticmethod
-    def _make(schema: FeatureSchema, B: int, R: int, d_c: int, negatives: int, g: torch.Generator) -> DIGBatch:
+    def _make(schema: FeatureSchema, B: int, P: int, d_c: int, negatives: int, click_rate: float,
+              g: torch.Generator) -> DIGBatch:
+        R = P * (1 + negatives)
         rows = B + R
         values, lengths = [], []
         for key in schema.keys:
@@ -170,15 +177,17 @@ class SyntheticBatches:
                 ln = torch.ones(rows, dtype=torch.int32)
             values.append(torch.randint(0, card, (int(ln.sum()),), generator=g))
             lengths.append(ln)
-        slot = torch.arange(R) % (1 + negatives)
+        labels = (torch.rand(B, generator=g) < click_rate).float()
+        filled = min(int(labels.sum()), P)
+        slot_weight = (torch.arange(P) < filled).float()
         return DIGBatch(
             sparse_features=make_kjt(schema.keys, values, lengths),
             u2i=torch.randn(B, d_c, generator=g),
-            labels=(torch.rand(B, generator=g) < 0.1).float(),
+            labels=labels,
             weights=torch.ones(B),
             retrieval_u2i=torch.randn(R, d_c, generator=g),
-            retrieval_labels=(slot == 0).float(),
-            retrieval_weights=torch.ones(R),
+            retrieval_labels=(torch.arange(R) % (1 + negatives) == 0).float(),
+            retrieval_weights=slot_weight.repeat_interleave(1 + negatives),
         )
 
     def __iter__(self) -> Iterator[DIGBatch]:
@@ -333,6 +342,11 @@ def embedding_parameter_names(model: nn.Module) -> List[str]:
 
 
 # ---------------------------------------------------------------------- FLOPs
+def auto_positive_slots(click_rate: float, batch_size: int) -> int:
+    """The reader's ``data.retrieval_positives=0`` rule: ``ceil(2 * click rate * B)`` in [1, B]."""
+    return min(max(math.ceil(2 * click_rate * batch_size), 1), batch_size)
+
+
 def model_flops_per_sample(model: nn.Module, batch: DIGBatch) -> float:
     """fwd + bwd FLOPs of one training step on ``batch`` divided by its exposure rows.
 

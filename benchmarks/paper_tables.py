@@ -61,6 +61,7 @@ class Variant:
     reuse: Optional[str] = None  # evaluate this other variant's checkpoint instead of training
     note: str = ""
     eval_flags: Sequence[str] = ()  # extra `dig eval` flags
+    optional: bool = False  # only run when named in --only (not one of the paper's tables)
 
 
 VARIANTS: List[Variant] = [
@@ -72,7 +73,8 @@ VARIANTS: List[Variant] = [
     Variant("w/o inference MLP_u2t", evaluate=("u2t.inference=none",), reuse="DIG", note="Table 6"),
     Variant("w/o both", evaluate=("u2t.inference=none",), reuse="w/o training-side u2i", note="Table 6"),
     Variant("last-layer supervision", train=("loss.recall_supervision=last_layer",), note="Ablation 4"),
-    Variant("recall samples = exposure", train=("loss.recall_samples=exposure",), note="issue 3 switch"),
+    Variant("recall samples = exposure", train=("loss.recall_samples=exposure",), note="issue 3 switch",
+            optional=True),
     # extra evaluations of DIG's checkpoint: a narrow beam (fidelity is only informative when
     # B is well below the number of valid depth-(L-1) prefixes) and the exclude-history protocol
     Variant("DIG, beam 16", evaluate=("eval.beam_size=16", "eval.topk=[10]"), reuse="DIG", note="fidelity"),
@@ -191,6 +193,8 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
     a("|---|---|---|---|---|---|---|---|---|")
     for v in VARIANTS:
         r = res[v.name]
+        if not r:  # an optional variant that was not run
+            continue
         a(f"| {v.name} | {ms(r, 'recall@10')} | {ms(r, 'ndcg@10')} | {ms(r, 'recall@50')} | {ms(r, 'ndcg@50')} | "
           f"{ms(r, 'recall@100')} | {ms(r, 'ndcg@100')} | {ms(r, 'unified_recall@10')} | {ms(r, 'beam_fidelity@10')} |")
     for label, r in (("Popularity", dig), ("Popularity, exclude history", res.get("DIG, exclude history") or [])):
@@ -244,6 +248,8 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
     for name in ("DIG", "w/o training-side u2i", "w/o inference MLP_u2t", "w/o both", "stat-mean u2t",
                  "last-layer supervision", "recall samples = exposure"):
         r = res[name]
+        if not r:
+            continue
         delta = (mean(r, "recall@10") / d10 - 1.0) * 100 if d10 > 0 else float("nan")
         a(f"| {name} | {ms(r, 'recall@10')} | {ms(r, 'ndcg@10')} | {'–' if name == 'DIG' else f'{delta:+.1f}%'} |")
     a("")
@@ -308,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res: Dict[str, List[Dict[str, object]]] = {v.name: [] for v in VARIANTS}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for v in VARIANTS:
-            if wanted and v.name not in wanted:
+            if (wanted or v.optional) and v.name not in wanted:
                 continue
             res[v.name].append(train_and_eval(args, v, seed, work))
     if wanted:

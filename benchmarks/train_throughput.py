@@ -14,7 +14,9 @@ Variants, each run on 1 and on 2 local ranks (gloo, CPU), in fresh processes:
 * ``dig``: DIGModel through the production path: built on ``meta``, row-wise Adagrad fused
   into backward (``apply_optimizer_in_backward``), planner (tables table_wise on CPU), DMP,
   dense Adam in a CombinedOptimizer, ``TrainPipelineSparseDist`` (the trainer's wiring). Batches carry B exposure
-  rows + R = (B/2) x (1 + 4 negatives) retrieval rows, as the reader makes them.
+  rows (clicks at ``--click-rate``, default 0.1077 = the industrial_large preset's train click
+  rate) + P = ceil(2 x rate x B) retrieval slots of 1 + 4 negatives rows, as the reader makes
+  them; the batch's clicks fill the slots and the model skips the weight-0 rest.
 * ``rank_only``: the same network without the recall path (``benchmarks/common.py:
   RankOnlyDIG``: no quantizer, SID embeddings, u2t or recall Mixer calls), same wiring,
   batches of B exposure rows only.
@@ -63,6 +65,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     RankOnlyDIG,
     SyntheticBatches,
+    auto_positive_slots,
     current_rss_bytes,
     dig_config_for_bench,
     industrial_meta,
@@ -133,7 +136,9 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     meta = industrial_meta(spec["users"], spec["items"])
     schema = FeatureSchema.from_meta(meta, cfg.data.history_length)
     B = spec["batch_size"]
-    R = (B // 2) * (1 + cfg.data.negatives_per_positive) if variant in ("dig", "plain") else 0
+    # retrieval click slots per batch: the reader's auto rule at the dataset's click rate
+    P = auto_positive_slots(spec["click_rate"], B) if variant in ("dig", "plain") else 0
+    R = P * (1 + cfg.data.negatives_per_positive)
     torch.manual_seed(0)  # identical dense init on every rank
     t_build = time.perf_counter()
     info: Dict[str, Any] = {}
@@ -171,8 +176,8 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         total_opt_bytes = _tensor_bytes(opt_state)
         dense_opt_bytes = total_opt_bytes - sparse_opt_bytes
         del sd, opt_state
-        source = SyntheticBatches(schema, B, R, meta.u2i_dim, pool=spec["pool"], seed=1 + rank,
-                                  negatives=cfg.data.negatives_per_positive)
+        source = SyntheticBatches(schema, B, P, meta.u2i_dim, pool=spec["pool"], seed=1 + rank,
+                                  negatives=cfg.data.negatives_per_positive, click_rate=spec["click_rate"])
 
         def data_iter():
             while True:
@@ -202,8 +207,8 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
                           if "embedding_bags.embedding_bags." not in k)
         sparse_opt_bytes = 0
         info["sharding"] = {"all": "replicated (DDP)" if world > 1 else "single process"}
-        source = SyntheticBatches(schema, B, R, meta.u2i_dim, pool=spec["pool"], seed=1 + rank,
-                                  negatives=cfg.data.negatives_per_positive)
+        source = SyntheticBatches(schema, B, P, meta.u2i_dim, pool=spec["pool"], seed=1 + rank,
+                                  negatives=cfg.data.negatives_per_positive, click_rate=spec["click_rate"])
 
         def step() -> None:
             with record_function("## data ##"):
@@ -248,6 +253,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     dist.barrier()
     result = {
         "rank": rank, "world_size": world, "variant": variant, "batch_size": B, "retrieval_rows": R,
+        "real_retrieval_rows_per_step": sum(float(b.retrieval_weights.sum()) for b in source.batches) / len(source.batches),
         "step_seconds": times, "median_step_seconds": median(times),
         "samples_per_s_rank": B / median(times),
         "split_seconds_per_step": split, "profiler_ranges_seconds_per_step": labels,
@@ -260,7 +266,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     shutdown(env)
 
 
-def count_model_flops(variant: str, batch_size: int) -> float:
+def count_model_flops(variant: str, batch_size: int, click_rate: float) -> float:
     """fwd+bwd model FLOPs per exposure sample of ``variant``'s network (no process group).
 
     Counted on a copy with small tables: FLOPs per sample do not depend on table rows.
@@ -275,10 +281,10 @@ def count_model_flops(variant: str, batch_size: int) -> float:
     if net_cls is DIGModel:
         init_tokenizer_randomly(m, seed=0)
     m.train()
-    b = min(batch_size, 64)
-    r = (b // 2) * (1 + cfg.data.negatives_per_positive) if net_cls is DIGModel else 0
-    batch = next(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), b, r, small.u2i_dim,
-                                  pool=1, negatives=cfg.data.negatives_per_positive))
+    b = batch_size
+    slots = auto_positive_slots(click_rate, b) if net_cls is DIGModel else 0
+    batch = next(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), b, slots, small.u2i_dim,
+                                  pool=1, negatives=cfg.data.negatives_per_positive, click_rate=click_rate))
     return model_flops_per_sample(m, batch)
 
 
@@ -322,7 +328,7 @@ def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[st
 
     spec = {"variant": variant, "batch_size": args.batch_size, "users": args.users, "items": args.items,
             "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "pool": args.pool,
-            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer}
+            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer, "click_rate": args.click_rate}
     # the machine is shared: measure the matmul peak right before each run, under the same load
     peak_now = matmul_peak_flops(threads=args.threads_per_rank, seconds=2.0)["median_flops"]
     with tempfile.TemporaryDirectory() as d:
@@ -348,7 +354,7 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
     for run in runs:
         by.setdefault(run["variant"], {}).setdefault(run["world_size"], []).append(run["ranks"])
     details: Dict[str, Any] = {}
-    flops = {v: count_model_flops(v, args.batch_size) for v in by}
+    flops = {v: count_model_flops(v, args.batch_size, args.click_rate) for v in by}
     for variant, per_world in by.items():
         for world, rounds in per_world.items():
             # global samples/s of a round: all ranks step together (collectives), so W * B / step time of the slowest rank
@@ -433,7 +439,10 @@ def summarize(runs: List[Dict[str, Any]], args: argparse.Namespace, peak: Dict[s
             "batches": f"synthetic, in memory: {args.pool} pre-made batches of random ids in range cycled per rank",
             "plain_reference": "same dense modules; nn.EmbeddingBag(sparse=True) per table; DDP over the whole "
                                "model on 2 ranks (full table replicas, sparse all-reduce)",
-            "samples": "exposure rows (B per rank per step); DIG additionally trains on R retrieval rows per step",
+            "samples": "exposure rows (B per rank per step); DIG additionally trains on the real (clicked) "
+                       "retrieval slots of R = P x (1 + negatives) rows per step",
+            "click_rate": args.click_rate,
+            "positive_slots_per_step": auto_positive_slots(args.click_rate, args.batch_size),
             "mfu": "model FLOP/s (fwd+bwd matmul FLOPs per exposure sample from FlopCounterMode x samples/s) / "
                    "(median fp32 matmul FLOP/s of a 2048^3 product with one rank's threads, measured right "
                    "before the run, x ranks); median over the rounds that measured such a peak",
@@ -492,6 +501,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every run")
     p.add_argument("--pool", type=int, default=8, help="distinct synthetic batches per rank")
+    p.add_argument("--click-rate", type=float, default=0.1077,
+                   help="exposure click rate of the synthetic batches (default: the train click rate of "
+                        "`dig data synth --preset industrial_large`, from `dig data stats`); sets the reader's "
+                        "auto retrieval slots P = ceil(2 x rate x B) and how many of them are real")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads-per-rank", type=int, default=1,

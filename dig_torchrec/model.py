@@ -330,11 +330,22 @@ class DIGModel(nn.Module):
                 )
             rows = slice(B, B + R)
             u2i_r, labels_r, weights_r = batch.retrieval_u2i, batch.retrieval_labels, batch.retrieval_weights
-            user_norm_r = self.bn_u(e_u[rows])
+            user_norm_r = None  # BN_u of the kept retrieval rows, below
         else:
             rows = slice(0, B)
             u2i_r, labels_r, weights_r = batch.u2i, batch.labels, batch.weights
             user_norm_r = user_norm_exp
+        # the recall path runs on the real (weight > 0) rows only: padding slots (a batch with
+        # fewer clicks than retrieval slots) add nothing to the losses, and would both cost
+        # L Mixer passes each and pollute the BN_u / BN_sid / BN_u2t batch statistics
+        rows = torch.arange(rows.start, rows.stop, device=e_u.device)
+        keep = (weights_r > 0).nonzero().squeeze(-1)
+        if 2 <= keep.numel() < weights_r.numel():  # BN in training needs 2 rows; else keep all
+            rows, u2i_r, labels_r, weights_r = rows[keep], u2i_r[keep], labels_r[keep], weights_r[keep]
+            if user_norm_r is not None:
+                user_norm_r = user_norm_r[keep]
+        if user_norm_r is None:
+            user_norm_r = self.bn_u(e_u[rows])
         sids_r = q.sids[rows]
         n = sids_r.shape[0]
         L = self.num_layers
@@ -348,13 +359,13 @@ class DIGModel(nn.Module):
             u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
 
         # Eq. 7 for l = 1..L in one Mixer call (layers stacked along the batch dim)
-        recall_logits = self.mixer(
-            user_norm_r[None].expand(L, -1, -1).reshape(L * n, -1),
-            self.bn_sid(e_sid.reshape(L * n, -1)),
-            self.bn_u2t(u2t_in.reshape(L * n, -1)),
-            hist[rows][None].expand(L, -1, -1, -1).reshape(L * n, hist.shape[1], hist.shape[2]),
-            hist_mask[rows][None].expand(L, -1, -1).reshape(L * n, -1),
-        ).view(L, n)
+        recall_logits = self.mixer.forward_layers(
+            user_norm_r,
+            self.bn_sid(e_sid.reshape(L * n, -1)).view(L, n, -1),
+            self.bn_u2t(u2t_in.reshape(L * n, -1)).view(L, n, -1),
+            hist[rows],
+            hist_mask[rows],
+        )
         per_layer = _weighted_bce(recall_logits, labels_r[None].expand(L, -1), weights_r)  # [L]
         recall_loss = per_layer.mean() if cfg.loss.recall_supervision == "all_layers" else per_layer[-1]  # Eq. 10
         real_r = (weights_r > 0).to(u2t_hat.dtype)

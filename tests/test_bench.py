@@ -24,6 +24,7 @@ from benchmarks.common import (  # noqa: E402
     PlainEmbeddingBagCollection,
     RankOnlyDIG,
     SyntheticBatches,
+    auto_positive_slots,
     industrial_meta,
     init_tokenizer_randomly,
     make_plain,
@@ -45,7 +46,7 @@ def _small() -> tuple:
 
 def test_synthetic_batches_follow_the_schema() -> None:
     cfg, meta, schema = _small()
-    data = SyntheticBatches(schema, 16, 10, meta.u2i_dim, pool=2, seed=3, negatives=4)
+    data = SyntheticBatches(schema, 16, 2, meta.u2i_dim, pool=2, seed=3, negatives=4, click_rate=0.1)
     batch = next(data)
     kjt = batch.sparse_features
     assert kjt.keys() == schema.keys and kjt.stride() == 26
@@ -57,6 +58,16 @@ def test_synthetic_batches_follow_the_schema() -> None:
     assert batch.u2i.shape == (16, meta.u2i_dim) and batch.retrieval_u2i.shape == (10, meta.u2i_dim)
     assert batch.retrieval_labels.tolist() == [1, 0, 0, 0, 0] * 2  # one click, then 4 negatives per slot
     assert next(data) is not batch and next(data) is batch  # a cycle of `pool` batches
+    # the batch's clicks fill the slots in order, the rest are weight-0 padding, as in the reader
+    for clicks_wanted, rate in ((0, 0.0), (2, 1.0)):
+        b = next(SyntheticBatches(schema, 16, 2, meta.u2i_dim, pool=1, negatives=4, click_rate=rate))
+        assert int(b.labels.sum()) == 8 * clicks_wanted
+        assert b.retrieval_weights.tolist() == [float(clicks_wanted > 0)] * 10
+    b = next(SyntheticBatches(schema, 400, 300, meta.u2i_dim, pool=1, seed=5, negatives=1, click_rate=0.25))
+    real_slots = int(b.retrieval_weights.sum()) // 2
+    assert real_slots == int(b.labels.sum()) and 60 < real_slots < 140
+    assert b.retrieval_weights[: 2 * real_slots].all() and not b.retrieval_weights[2 * real_slots:].any()
+    assert auto_positive_slots(0.1077, 256) == 56 and auto_positive_slots(0.9, 10) == 10
 
 
 def test_plain_reference_computes_the_same_function() -> None:
@@ -68,7 +79,7 @@ def test_plain_reference_computes_the_same_function() -> None:
     plain = make_plain(copy.deepcopy(trec), copy_weights=True)
     assert isinstance(plain.embedding_bags, PlainEmbeddingBagCollection)
     assert not any(type(m).__module__.startswith("torchrec.modules.embedding") for m in plain.modules())
-    batch = next(SyntheticBatches(schema, 12, 10, meta.u2i_dim, seed=2))
+    batch = next(SyntheticBatches(schema, 12, 2, meta.u2i_dim, seed=2, click_rate=0.5))
     trec.train()
     plain.train()
     loss_t, out_t = trec(batch)
@@ -98,7 +109,7 @@ def test_rank_only_is_dig_without_the_recall_path() -> None:
     missing, unexpected = rank_only.load_state_dict(dig.state_dict(), strict=False)
     assert not missing and unexpected and all(k.split(".")[0] in ("sid_embedding_bags", "u2t_mlp", "u2t_stats",
                                                                    "bn_sid", "bn_u2t") for k in unexpected)
-    batch = next(SyntheticBatches(schema, 12, 10, meta.u2i_dim, seed=2))  # its retrieval rows are ignored
+    batch = next(SyntheticBatches(schema, 12, 2, meta.u2i_dim, seed=2, click_rate=0.5))  # its retrieval rows are ignored
     dig.eval()
     rank_only.eval()
     with torch.no_grad():

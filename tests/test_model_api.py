@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -129,4 +131,39 @@ def test_forward_on_a_reader_batch(tiny_dataset, tiny_data_config, tiny_meta_sch
     batch = next(iter(ExposureReader(tiny_dataset, "train", tiny_data_config, schema)))
     loss, out = model(batch)
     loss.backward()
-    assert torch.isfinite(loss) and out.recall_logits.shape[1] == batch.retrieval_size
+    real = int((batch.retrieval_weights > 0).sum())
+    assert 0 < real < batch.retrieval_size  # the tiny reader batch has padding slots
+    assert torch.isfinite(loss) and out.recall_logits.shape == (model.num_layers, real)
+    assert torch.equal(out.recall_labels, batch.retrieval_labels[batch.retrieval_weights > 0])
+
+
+def test_recall_path_ignores_padding_retrieval_rows(tiny_dataset, tiny_data_config, tiny_meta_schema):
+    """Weight-0 retrieval slots change neither the losses nor the BN statistics."""
+    from dig_torchrec.data.reader import ExposureReader
+
+    meta, schema = tiny_meta_schema
+    cfg = tiny_config()
+    cfg.data = tiny_data_config
+    batch = next(iter(ExposureReader(tiny_dataset, "train", tiny_data_config, schema)))
+    pad = batch.retrieval_weights == 0
+    assert pad.any()
+    poisoned = copy.copy(batch)
+    poisoned.retrieval_u2i = batch.retrieval_u2i.clone()
+    poisoned.retrieval_u2i[pad] = 1e3  # garbage in padding slots
+    results = []
+    real = int((~pad).sum())
+    for b in (batch, poisoned):
+        torch.manual_seed(0)
+        model = DIGModel(cfg, meta)
+        model.train()
+        bn_rows = {}
+        for name in ("bn_sid", "bn_u2t"):
+            getattr(model, name).register_forward_hook(
+                lambda mod, inp, out, name=name: bn_rows.setdefault(name, inp[0].shape[0]) and None)
+        parts = model.forward_parts(b)
+        # the recall BNs see L x (real retrieval rows), never a padding slot
+        assert bn_rows == {"bn_sid": model.num_layers * real, "bn_u2t": model.num_layers * real}
+        results.append((parts["recall"].detach(), parts["u2t"].detach(), model.bn_u2t.running_mean.clone(),
+                        model.bn_u.running_mean.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -155,8 +155,11 @@ def test_recall_samples_switch_picks_the_rows():
     base, alt = _pair("loss", "recall_samples", "exposure")
     batch = make_batch(tiny_meta(), seed=13, pad_rows=2)
     a, b = base(batch)[1], alt(batch)[1]
-    assert a.recall_logits.shape == (3, batch.retrieval_size)
-    assert torch.equal(a.recall_labels, batch.retrieval_labels) and torch.equal(a.recall_weights, batch.retrieval_weights)
-    assert b.recall_logits.shape == (3, batch.batch_size)
-    assert torch.equal(b.recall_labels, batch.labels) and torch.equal(b.recall_weights, batch.weights)
+    # the recall path keeps the real rows only (the last 2 of each part are padding)
+    R, B = batch.retrieval_size, batch.batch_size
+    assert a.recall_logits.shape == (3, R - 2)
+    assert torch.equal(a.recall_labels, batch.retrieval_labels[: R - 2])
+    assert torch.equal(a.recall_weights, batch.retrieval_weights[: R - 2])
+    assert b.recall_logits.shape == (3, B - 2)
+    assert torch.equal(b.recall_labels, batch.labels[: B - 2]) and torch.equal(b.recall_weights, batch.weights[: B - 2])
     torch.testing.assert_close(a.rank_logits, b.rank_logits)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,8 +29,46 @@ class TargetAttention(nn.Module):
         self.attention_mlp = MLP(4 * key_dim, list(hidden), activation="relu", device=device) if hidden else nn.Identity()
         self.attention_out = nn.Linear(hidden[-1] if hidden else 4 * key_dim, 1, device=device)
 
+    def _first_layer(self) -> Tuple[nn.Linear, Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        """(linear on [q, k, q-k, q*k], its activation, the rest of the scoring stack)."""
+        if isinstance(self.attention_mlp, MLP):
+            first = self.attention_mlp._mlp[0]
+            rest = nn.Sequential(*self.attention_mlp._mlp[1:], self.attention_out)
+            return first._linear, first._activation_fn, rest
+        return self.attention_out, (lambda x: x), nn.Identity()
+
+    def _scores(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Attention logits ``[*lead, N, H]`` for queries ``q [*lead, N, d]`` and ``keys [N, H, d]``.
+
+        The first layer's weight is split by input block, ``W = [W_q W_k W_d W_p]``, so
+        ``W [q; k; q-k; q*k] = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k)``: the q term is
+        computed once per query and the k term once per history slot (shared by every
+        query of the row, e.g. the L recall passes), leaving one d -> h product per
+        (query, slot) instead of a 4d -> h one. Same function, same parameters.
+        """
+        linear, act, rest = self._first_layer()
+        w_q, w_k, w_d, w_p = linear.weight.split(keys.shape[-1], dim=1)
+        q_term = nn.functional.linear(q, w_q + w_d, linear.bias)  # [*lead, N, h]
+        k_term = nn.functional.linear(keys, w_k - w_d)  # [N, H, h]
+        qk_term = nn.functional.linear(q.unsqueeze(-2) * keys, w_p)  # [*lead, N, H, h]
+        hidden = act(qk_term + k_term + q_term.unsqueeze(-2))
+        return rest(hidden).squeeze(-1)
+
     def forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attend over ``keys [N, H, d]`` with ``mask [N, H]`` (True = real click) -> ``[N, d]``."""
+        """Attend over ``keys [N, H, d]`` with ``mask [N, H]`` (True = real click) -> ``[N, d]``.
+
+        ``target`` may carry leading dims (``[L, N, F_enc*d]``, the L recall passes of the
+        same rows); the output then is ``[L, N, d]`` and the history is processed once.
+        """
+        if keys.shape[1] == 0:
+            return keys.new_zeros(*target.shape[:-1], keys.shape[2])
+        scores = self._scores(self.query(target), keys)
+        scores = scores.masked_fill(~mask, -1e9)
+        weights = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)
+        return (weights.unsqueeze(-1) * keys).sum(-2)
+
+    def reference_forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The textbook form (concatenate [q, k, q-k, q*k] per slot); for tests."""
         if keys.shape[1] == 0:
             return keys.new_zeros(keys.shape[0], keys.shape[2])
         q = self.query(target)[:, None, :].expand_as(keys)

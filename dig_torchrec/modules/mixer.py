@@ -108,3 +108,25 @@ class Mixer(nn.Module):
         interest = self.din(target, history_keys, history_mask)
         x = torch.cat([user, target, cross_features, interest], -1)
         return self.head(self.moe(self.cross(x))).squeeze(-1)
+
+    def forward_layers(
+        self, user: torch.Tensor, targets: torch.Tensor, cross_features: torch.Tensor,
+        history_keys: torch.Tensor, history_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``[L, N]`` of L passes over the same N rows (the recall path, Eq. 7).
+
+        Equal to calling :meth:`forward` on the L passes stacked along the batch, but the
+        user's history goes through DIN's key projection once per row, not once per pass.
+
+        Args:
+            user: ``[N, F_u*d]`` BN_u(e_u), shared by the passes.
+            targets: ``[L, N, F_enc*d]`` BN_sid(e_sid^(1:l)).
+            cross_features: ``[L, N, d_c]`` BN_u2t(u2t^(1:l)).
+            history_keys: ``[N, H, d]``.
+            history_mask: ``[N, H]``.
+        """
+        L, n = targets.shape[:2]
+        interest = self.din(targets, history_keys, history_mask)  # [L, N, d]
+        x = torch.cat([user.unsqueeze(0).expand(L, -1, -1), targets, cross_features, interest], -1)
+        return self.head(self.moe(self.cross(x.reshape(L * n, -1)))).view(L, n)
+
