@@ -2,7 +2,7 @@
 
 Not a test module. ``tests/test_reliability_bad_input.py`` asserts each case's error and
 that nothing was overwritten; ``tests/test_troubleshooting_table.py`` renders the same
-runs into ``.readme_parts/troubleshooting.md``. Each case builds its inputs (a damaged
+runs into README.md's troubleshooting table. Each case builds its inputs (a damaged
 copy of the micro dataset, a config override, a run directory, an environment), runs
 ``dig_torchrec.cli.main(["train", ...])`` in this process and records the exit code and
 the ``error:`` line. Paths in the recorded line are replaced by ``DATA`` (the dataset
