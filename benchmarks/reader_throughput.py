@@ -6,6 +6,14 @@ Method (built for a shared, busy host):
 * one untimed warm-up scan (page cache), then ``--repeats`` rounds; each round runs every
   config once, in forward order on even rounds and reversed on odd rounds, so slow drifts
   in background load hit every config alike;
+* ``--settle 1`` (default): each timed run follows an untimed run of the SAME config, so every
+  config is measured in its own steady state. Without it the allocator state left by the
+  previous config leaks into the next: arrow's mimalloc heaps are purged while a reader
+  epoch runs, and the raw scan right after one spent half its time zeroing fresh
+  transparent huge pages (``clear_page_erms`` in ``perf``; +0.5-1.5 s, 2x its CPU) while
+  the raw scan right after a raw scan did not. As the forward/reversed order puts raw after
+  raw on even rounds and after a reader on odd rounds, the paired ratios alternated between
+  two clusters (e.g. 0.4 / 0.9) and the median was a coin flip between them;
 * per run: wall seconds and CPU seconds of this process AND its reaped children
   (``os.times``; DataLoader worker processes are joined at the end of an epoch, so their
   CPU is included);
@@ -91,6 +99,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--positives", default="0,1024",
                    help="comma-separated data.retrieval_positives values (0: auto = ceil(2 x train click rate x B), "
                         "the default); the first is measured for every --workers value, the others with workers=0")
+    p.add_argument("--settle", type=int, default=1, choices=(0, 1),
+                   help="1: an untimed run of the same config right before each timed run (steady state, "
+                        "see the module docstring); 0: back-to-back timed runs only")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader_throughput.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -119,15 +130,19 @@ def main(argv: List[str] | None = None) -> int:
     rows: Dict[str, int] = {}
     dropped: Dict[str, int] = {}
     load_per_round: List[List[float]] = []
+    settle: Dict[str, List[float]] = {k: [] for k in names}  # rows/s of the untimed settle runs
     for rep in range(args.repeats):
         load_per_round.append(list(os.getloadavg()))
         for name in (names if rep % 2 == 0 else names[::-1]):
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            if name == "raw":
-                n = raw_scan(root, columns)
-            else:
-                n, dropped[name] = reader_pass(root, cfgs[name], schema)
-            dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
+            for timed in ([False] if args.settle else []) + [True]:
+                t0, c0 = time.perf_counter(), cpu_seconds()
+                if name == "raw":
+                    n = raw_scan(root, columns)
+                else:
+                    n, dropped[name] = reader_pass(root, cfgs[name], schema)
+                dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
+                if not timed:
+                    settle[name].append(n / dt)
             wall[name].append(dt)
             cpu[name].append(dc)
             rows[name] = n
@@ -150,6 +165,8 @@ def main(argv: List[str] | None = None) -> int:
                       "negatives_per_positive": args.negatives,
                       "clicks_dropped_per_epoch": dropped},
         "repeats": args.repeats, "order": "interleaved; forward on even rounds, reversed on odd rounds",
+        "settle": bool(args.settle),  # each timed run right after an untimed run of the same config
+        "settle_rows_per_second": settle,
         "goal_ratio": 0.5,
         "headline_ratio_wall": headline,  # median over rounds of the paired (same round) wall-rate ratio
         "paired_ratio_wall": paired_wall,

@@ -169,3 +169,63 @@ def test_user_states_roundtrip_and_select():
     assert sub.keys.tolist() == [0, 3, 9, 1, 4, 0, 3, 9]
     got = sub.lookup(torch.tensor([0, 1, 1, 2]), torch.tensor([3, 4, 9, 5]), stride=16)
     assert got[:, 0].tolist() == [9.0, 3.0, 0.0, 0.0]
+
+
+def _random_states(rng: np.random.Generator, num_states: int, num_keys: int, num_stats: int = 3) -> UserStates:
+    """Random jagged states with many empty ones (first, last and in between)."""
+    lens = rng.integers(0, 8, num_states) * (rng.random(num_states) < 0.6)
+    if num_states > 1:
+        lens[0] = lens[-1] = 0
+    lens = np.minimum(lens, num_keys)
+    offsets = np.zeros(num_states + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    keys = [np.sort(rng.choice(num_keys, int(n), replace=False)) for n in lens]
+    keys = np.concatenate(keys).astype(np.int64) if offsets[-1] else np.zeros(0, dtype=np.int64)
+    stats = rng.random((int(offsets[-1]), num_stats)).astype(np.float32) * 10
+    return UserStates(torch.from_numpy(offsets), torch.from_numpy(keys), torch.from_numpy(stats))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segmented_lookup_equals_the_composite_index_lookup(seed):
+    """The per-state binary search (reader windows) returns exactly the composite-index
+    lookup (and a per-query dict reference), including empty and absent states/keys."""
+    rng = np.random.default_rng(seed)
+    num_states, num_keys = int(rng.integers(1, 40)), int(rng.integers(1, 50))
+    states = _random_states(rng, num_states, num_keys)
+    m = int(rng.integers(0, 300))
+    si = torch.from_numpy(rng.integers(0, num_states, m))
+    keys = torch.from_numpy(rng.integers(0, num_keys, m))
+    seg = torch.from_numpy(states.lookup_segmented(si.numpy(), keys.numpy()))
+    comp = UserStates(states.offsets, states.keys, states.stats)
+    comp.composite(num_keys)  # a built index: lookup() takes the composite path
+    assert torch.equal(seg, comp.lookup(si, keys, num_keys))
+    off, k, st = states.offsets.tolist(), states.keys.tolist(), states.stats
+    for q in range(m):
+        row = dict(zip(k[off[si[q]]:off[si[q] + 1]], range(off[si[q]], off[si[q] + 1])))
+        want = st[row[int(keys[q])]] if int(keys[q]) in row else torch.zeros(st.shape[1])
+        assert torch.equal(seg[q], want)
+    # few queries on many entries: lookup() itself takes the segmented path
+    fresh = UserStates(states.offsets, states.keys, states.stats)
+    small = slice(0, max(0, min(m, int(states.keys.numel()) - 1)))
+    assert torch.equal(fresh.lookup(si[small], keys[small], num_keys), seg[small])
+
+
+def test_u2i_of_a_reader_window_matches_per_state_recomputation(tiny_dataset, tiny_meta_schema):
+    """U2IFunction on many states with few queries (the segmented path, all fields in one
+    lookup) equals the composite path and, for the click itself, the stored u2i bit for bit."""
+    meta, schema = tiny_meta_schema
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    table = pads.dataset(str(tiny_dataset / "train")).to_table()
+    clicks = np.flatnonzero(table.column("label").to_numpy() > 0)
+    states = UserStates.from_arrow(table.column("user_state"))
+    assert clicks.size < states.keys.numel()
+    item = torch.from_numpy(table.column("item_id").to_numpy()[clicks])
+    got = fn(states, torch.from_numpy(clicks), item)
+    assert states._composite is None  # the segmented path ran
+    stored = np.stack(table.column("u2i").to_numpy(zero_copy_only=False))[clicks]
+    assert torch.equal(got, torch.from_numpy(stored.astype(np.float32)))
+    neg = torch.from_numpy(np.random.default_rng(0).integers(0, fn.items.num_items, clicks.size * 3))
+    rows = torch.from_numpy(np.repeat(clicks, 3))
+    seg = fn(states, rows, neg)
+    states.composite(fn.stride)
+    assert torch.equal(seg, fn(states, rows, neg))

@@ -35,14 +35,17 @@ Retrieval rows (paper §4.1: "positive-only (y=1), full-corpus random negatives"
     counts them. Missing clicks are weight-0 slots.
 
 Hot loop
-    Two prefetch threads read windows (``ParquetFile.read_row_group``), decode them
-    key-major (``[keys, rows]``, the KJT value layout), permute them once into emission
-    order, and draw every batch's retrieval slots and negatives, computing all their u2i in
-    ONE :class:`U2IFunction` call per window. The main thread then builds a batch from a
-    contiguous window range: slice copies for the exposure rows, broadcasts of the click
-    rows for the retrieval rows, one gather of item features, all written into one
+    Prefetch threads (one per core beyond the consumer's, at most two windows ahead) read
+    windows (``ParquetFile.read_row_group``), decode them key-major (``[keys, rows]``, the
+    KJT value layout) straight into emission order (the window's permutation is applied by
+    the decoding gathers themselves), draw every batch's retrieval slots and negatives,
+    computing all their u2i in ONE :class:`U2IFunction` call per window (a per-state binary
+    search, no index over the window's states), and build every batch lying inside the
+    window from a contiguous range: slice copies for the exposure rows, broadcasts of the
+    click rows for the retrieval rows, one gather of item features, all written into one
     preallocated KJT values buffer per batch (fresh per batch: batches in flight in a
-    training pipeline never share memory). No per-row Python, no arrow -> Python objects.
+    training pipeline never share memory). The iterating thread only builds the few batches
+    that straddle two windows. No per-row Python, no arrow -> Python objects.
 
 State (``state_dict``): epoch, batches yielded in the epoch and real rows yielded; the
 next ``__iter__`` resumes at the exact row.
@@ -53,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,7 +80,7 @@ from dig_torchrec.data.u2i import U2IFunction, UserStates
 from dig_torchrec.errors import DataError
 
 logger = logging.getLogger(__name__)
-_PREFETCH_DEPTH = 2  # windows decoded ahead (= prefetch threads) when batches are built in this process
+_PREFETCH_DEPTH = 2  # windows decoded ahead when batches are built in this process (see _prefetch_threads)
 
 
 @dataclass(frozen=True)
@@ -241,9 +245,16 @@ class RowDecoder:
         sparse_t, item, label, hist_t, u2i = self.decode_key_major(t, g)
         return np.ascontiguousarray(sparse_t.T), item, label, np.ascontiguousarray(hist_t.T), u2i
 
-    def decode_key_major(self, t: pa.Table, g: RowGroup) -> Tuple[np.ndarray, ...]:
+    def decode_key_major(self, t: pa.Table, g: RowGroup, perm: Optional[np.ndarray] = None
+                         ) -> Tuple[np.ndarray, ...]:
         """Like :meth:`decode` but with ``sparse [U, n]`` and ``history [H, n]`` key-major
-        (the KJT value layout)."""
+        (the KJT value layout).
+
+        Args:
+            perm: output row i = table row ``perm[i]`` (a permutation of ``range(n)``): the
+                gathers write straight into that order, so a shuffled window costs no extra
+                permutation pass. Checks run on the table order (errors name file rows).
+        """
         card = self.schema.cardinality
         n = t.num_rows
         sparse = np.empty((len(self.user_ctx_keys), n), dtype=np.int64)
@@ -251,24 +262,41 @@ class RowDecoder:
             col = t.column(name)
             if col.null_count:
                 raise DataError(f"{g.path}: column '{name}' has nulls (row group {g.index})")
-            sparse[j] = self.check_ids(col.to_numpy().astype(np.int64, copy=False), name, card[name], g)
+            ids = self.check_ids(col.to_numpy().astype(np.int64, copy=False), name, card[name], g)
+            if perm is None:
+                sparse[j] = ids
+            else:
+                np.take(ids, perm, out=sparse[j])
         item = self.check_ids(t.column(ITEM_ID).to_numpy().astype(np.int64, copy=False), ITEM_ID, card[ITEM_ID], g)
-        label = t.column(LABEL).to_numpy().astype(np.float32)
+        label = t.column(LABEL).to_numpy()
+        if perm is not None:
+            item, label = item[perm], label[perm]
+        label = label.astype(np.float32, copy=False)
         hcol = t.column(HISTORY).combine_chunks()
         H = self.schema.history_length
-        lens = hcol.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        vals = hcol.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-        offs = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=offs[1:])
+        if hcol.null_count == 0 and hcol.offset == 0:  # the list offsets as they are (zero-copy)
+            offs = np.asarray(hcol.offsets, dtype=np.int64)
+            vals = np.asarray(hcol.values.slice(int(offs[0]), int(offs[-1] - offs[0])), dtype=np.int64)
+            offs = offs - offs[0]
+            lens = np.diff(offs)
+        else:
+            lens = hcol.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            vals = hcol.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lens, out=offs[1:])
         vals = self.check_ids(vals, HISTORY, card[ITEM_ID], g, offs)
+        hist = np.full((H, n), -1, dtype=np.int64)
         if H and vals.size:
             # hist_j of row r = the j-th most recent click = vals[offs[r+1] - 1 - j] if j < len_r,
-            # else -1: one gather into the key-major [H, n] layout (keeps the H most recent)
-            j = np.arange(H, dtype=np.int64)[:, None]
-            hist = np.take(vals, (offs[1:] - 1)[None, :] - j, mode="clip")
-            np.putmask(hist, j >= lens[None, :], -1)
-        else:
-            hist = np.full((H, n), -1, dtype=np.int64)
+            # else -1 (keeps the H most recent): per j, one gather of the rows that have it
+            last = offs[1:] - 1
+            if perm is not None:
+                last, lens = last[perm], lens[perm]
+            for j in range(H):
+                rows = np.flatnonzero(lens > j)
+                if not rows.size:
+                    break
+                hist[j, rows] = vals[last[rows] - j]
         ucol = t.column(U2I).combine_chunks()
         d_c = self.meta.u2i_dim
         flat = ucol.flatten().to_numpy(zero_copy_only=False)
@@ -278,6 +306,8 @@ class RowDecoder:
         if not np.isfinite(u2i).all():
             row = int(np.flatnonzero(~np.isfinite(u2i).all(1))[0])
             raise DataError(f"{g.path}: column 'u2i' row {row} (row group {g.index}): NaN or inf")
+        if perm is not None:
+            u2i = np.take(u2i, perm, axis=0)
         return sparse, item, label, hist, u2i
 
 
@@ -453,23 +483,40 @@ class ExposureReader(IterableDataset):
         starts = np.concatenate([[0], np.cumsum(sizes)])
         total = int(starts[-1])
         pending: Dict[int, Future] = {}
-        # In the main process two prefetch threads decode and plan the next windows while the
-        # current one is batched (parquet decoding, numpy gathers and the u2i lookups release
-        # the GIL); inside a DataLoader worker one thread (the workers already fill the cores).
+        # In the main process `depth` windows are decoded, planned AND batched ahead (every
+        # batch lying wholly inside the window; parquet decoding, numpy gathers and the u2i
+        # lookups release the GIL) by prefetch threads that leave a core to the consumer (the
+        # training step): this thread only hands the batches over, so it does not fight the
+        # prefetch threads for the GIL (that cost ~15% more CPU than one thread doing it all).
+        # Inside a DataLoader worker one window ahead on one thread (the workers fill the cores).
         depth = _PREFETCH_DEPTH if get_worker_info() is None else 1
-        pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="dig-reader-prefetch")
+        threads = min(depth, _prefetch_threads()) if get_worker_info() is None else 1
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dig-reader-prefetch",
+                                  initializer=_prefetch_thread_init)
+        B, real_batches = self.batch_size, -(-total // self.batch_size)
 
-        def load(w: int) -> Tuple[_Window, Dict[int, _RetrievalPlan]]:
+        def load(w: int) -> Tuple[_Window, Dict[int, _RetrievalPlan], Dict[int, DIGBatch]]:
             win = self._load_window(windows[w], rngs[w])
+            w_start, w_end = int(starts[w]), int(starts[w + 1])
             plans: Dict[int, _RetrievalPlan] = {}
             if self.num_positive_slots:
-                plans = self._plan_window(win, int(starts[w]), int(starts[w + 1]), skip, total, epoch, slot)
-            return win, plans
+                plans = self._plan_window(win, w_start, w_end, skip, total, epoch, slot)
+            built: Dict[int, DIGBatch] = {}  # the same batches _plan_window planned
+            for b in range(max(skip, -(-w_start // B)), real_batches):
+                lo, hi = b * B, min((b + 1) * B, total)
+                if hi > w_end:
+                    break
+                built[b] = self._make_batch([(win, lo - w_start, hi - w_start)], None, plans.pop(b, None))
+            return win, plans, built
 
-        def window(w: int) -> Tuple[_Window, Dict[int, _RetrievalPlan]]:
+        def window(w: int) -> Tuple[_Window, Dict[int, _RetrievalPlan], Dict[int, DIGBatch]]:
             # window w (from the prefetch threads if already submitted); start w+1 .. w+depth
             fut = pending.pop(w, None)
-            out = fut.result() if fut is not None else load(w)
+            if fut is not None:
+                out = fut.result()
+            else:
+                with _single_thread():
+                    out = load(w)
             for nxt in range(w + 1, min(w + 1 + depth, len(windows))):
                 if nxt not in pending:
                     pending[nxt] = pool.submit(load, nxt)
@@ -489,6 +536,7 @@ class ExposureReader(IterableDataset):
         wi = -1
         cur: Optional[_Window] = None
         plans: Dict[int, _RetrievalPlan] = {}
+        built: Dict[int, DIGBatch] = {}
         for b in range(skip, self.batches_per_slot):
             if b >= real_batches:
                 with _single_thread():
@@ -501,10 +549,14 @@ class ExposureReader(IterableDataset):
             while pos < hi:
                 w = int(np.searchsorted(starts, pos, side="right") - 1)
                 if w != wi:
-                    (cur, plans), wi = window(w), w
+                    (cur, plans, built), wi = window(w), w
                 end = min(hi, int(starts[w + 1]))
                 parts.append((cur, pos - int(starts[w]), end - int(starts[w])))
                 pos = end
+            ready = built.pop(b, None)  # built by the window's loader (the batch lies inside it)
+            if ready is not None:
+                yield ready
+                continue
             plan = plans.pop(b, None)
             # the generator is only needed when the batch was not planned (straddles windows)
             gen = self._batch_generator(epoch, slot, b) if plan is None and self.num_positive_slots else None
@@ -561,23 +613,27 @@ class ExposureReader(IterableDataset):
     def _load_window(self, groups: Sequence[RowGroup], rng: Optional[np.random.Generator]) -> _Window:
         """Decode a window's row groups key-major and permute them into emission order."""
         tables = [self._read_group(g) for g in groups]
-        decoded = [self.decoder.decode_key_major(t, g) for t, g in zip(tables, groups)]
+        perm = None
+        if self.shuffle and rng is not None:
+            perm = rng.permutation(sum(t.num_rows for t in tables))  # emission row -> file row
+        if len(tables) == 1:  # the common case (shuffle_buffer <= row group): decode in emission order
+            sparse_t, item, label, hist_t, u2i = self.decoder.decode_key_major(tables[0], groups[0], perm)
+        else:
+            decoded = [self.decoder.decode_key_major(t, g) for t, g in zip(tables, groups)]
 
-        def cat(i: int, axis: int = 0) -> np.ndarray:
-            return decoded[0][i] if len(decoded) == 1 else np.concatenate([d[i] for d in decoded], axis=axis)
+            def cat(i: int, axis: int = 0) -> np.ndarray:
+                return np.concatenate([d[i] for d in decoded], axis=axis)
 
-        sparse_t, item, label, hist_t, u2i = cat(0, 1), cat(1), cat(2), cat(3, 1), cat(4)
+            sparse_t, item, label, hist_t, u2i = cat(0, 1), cat(1), cat(2), cat(3, 1), cat(4)
+            if perm is not None:
+                sparse_t, hist_t = np.take(sparse_t, perm, axis=1), np.take(hist_t, perm, axis=1)
+                item, label, u2i = item[perm], label[perm], np.take(u2i, perm, axis=0)
         states = None
         if self.with_retrieval:
-            col = pa.chunked_array([t.column(USER_STATE).combine_chunks() for t in tables])
+            col = tables[0].column(USER_STATE) if len(tables) == 1 else pa.chunked_array(
+                [c for t in tables for c in t.column(USER_STATE).chunks])
             states = UserStates.from_arrow(col, self.meta.u2i_stats)
-        state_row = None
-        if self.shuffle and rng is not None:
-            perm = rng.permutation(item.size)  # emission row -> file row
-            sparse_t, hist_t = np.take(sparse_t, perm, axis=1), np.take(hist_t, perm, axis=1)
-            item, label, u2i = item[perm], label[perm], u2i[perm]
-            state_row = perm
-        return _Window(sparse_t, item, label, hist_t, u2i, states, state_row)
+        return _Window(sparse_t, item, label, hist_t, u2i, states, perm)
 
     def _read_group(self, g: RowGroup) -> pa.Table:
         # ParquetFile.read_row_group without arrow's thread pool: ~10% less CPU than a
@@ -705,8 +761,8 @@ class ExposureReader(IterableDataset):
                       ) -> np.ndarray:
         """u2i ``[real * K, d_c]`` of the negatives ``neg[c]`` for the user state of batch row ``clicks[c]``.
 
-        The lookup runs directly on each window's UserStates (its sorted key index is built
-        once per window), so no per-batch copy of the states is made.
+        The lookup runs directly on each window's UserStates (a binary search inside each
+        click's state), so no per-batch copy of the states is made.
         """
         K = neg.shape[1]
         out = []
@@ -746,7 +802,7 @@ class ExposureReader(IterableDataset):
         hist = np.empty((H, N), dtype=np.int64)
         self._rows_into(hist, hist_t, slot_rows)
         mask = hist >= 0
-        counts = np.count_nonzero(mask, axis=1)
+        counts = np.array([np.count_nonzero(m) for m in mask], dtype=np.int64)  # 2x count_nonzero(axis=1)
         values = np.empty(S * N + int(counts.sum()), dtype=np.int64)
         self._rows_into(values[:U * N].reshape(U, N), sparse_t, slot_rows)
         items = np.empty(N, dtype=np.int64)
@@ -805,6 +861,24 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def _prefetch_threads() -> int:
+    """Prefetch threads of a reader in the main process: the usable cores minus the one the
+    batching thread needs, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def _prefetch_thread_init() -> None:
+    """Prefetch threads run the window's u2i torch ops: one intra-op thread each. A new
+    thread starts with the process default (all cores), and OpenMP teams in two prefetch
+    threads next to the main thread oversubscribe the cores: +30% CPU on an idle 2-core host,
+    4x wall time on a busy one. (The setting is per thread; the main thread keeps its own.)"""
+    torch.set_num_threads(1)
 
 
 def _worker_init(worker_id: int) -> None:

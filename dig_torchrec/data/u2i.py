@@ -40,7 +40,7 @@ on the same float32-rounded statistics they store in ``user_state``, so recomput
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -185,11 +185,10 @@ class UserStates:
         flat = array.flatten()  # honours the slice offset and skips null slots
         if len(flat) != offsets[-1]:
             raise DataError(f"user_state column: {len(flat)} entries but list lengths sum to {offsets[-1]}")
-        keys = flat.field(STATE_KEY).to_numpy(zero_copy_only=False).astype(np.int64)
-        if names:
-            stats = np.stack([flat.field(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names], axis=1)
-        else:
-            stats = np.zeros((len(keys), 0), dtype=np.float32)
+        keys = flat.field(STATE_KEY).to_numpy(zero_copy_only=False).astype(np.int64)  # writable copy for torch
+        stats = np.empty((len(keys), len(names)), dtype=np.float32)  # [T, S]: one row per lookup hit
+        for j, n in enumerate(names):
+            stats[:, j] = flat.field(n).to_numpy(zero_copy_only=False)
         return cls(torch.from_numpy(offsets), torch.from_numpy(keys), torch.from_numpy(stats))
 
     def to_arrow(self, stat_names: Sequence[str], valid: Optional[np.ndarray] = None) -> pa.Array:
@@ -215,15 +214,62 @@ class UserStates:
         return self._composite
 
     def lookup(self, state_index: torch.Tensor, keys: torch.Tensor, stride: int) -> torch.Tensor:
-        """float32 stats ``[M, num_stats]`` of ``keys[m]`` in state ``state_index[m]`` (0 if absent)."""
+        """float32 stats ``[M, num_stats]`` of ``keys[m]`` in state ``state_index[m]`` (0 if absent).
+
+        Two exact strategies (they return the same stored values): fewer queries than stored
+        entries (a reader window: a few negatives per click over all the window's states)
+        binary-search each query inside its own state (:meth:`lookup_segmented`, no index to
+        build); many queries (full-corpus scoring of few users) search the cached globally
+        sorted :meth:`composite` index.
+        """
+        state_index = torch.as_tensor(state_index, dtype=torch.long).reshape(-1)
+        keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)
+        if self._composite is None and state_index.numel() < self.keys.numel():
+            return torch.from_numpy(self.lookup_segmented(state_index.numpy(), keys.numpy()))
         comp = self.composite(stride)
-        query = state_index.to(torch.long) * stride + keys.to(torch.long)
+        query = state_index * stride + keys
         out = torch.zeros(query.numel(), self.num_stats, dtype=torch.float32)
         if comp.numel() == 0 or query.numel() == 0:
             return out
         pos = torch.searchsorted(comp, query).clamp(max=comp.numel() - 1)
         hit = comp[pos] == query
         out[hit] = self.stats[pos[hit]]
+        return out
+
+    def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """:meth:`lookup` by a vectorized branchless binary search of each query inside its
+        state's (ascending) keys: O(M log(state length)), no O(total entries) index.
+
+        Args:
+            state_index: int64 ``[M]`` into the states.
+            keys: int64 ``[M]`` u2i keys.
+
+        Returns:
+            float32 numpy ``[M, num_stats]`` (0 where the key is absent).
+        """
+        offsets, all_keys, stats = self.offsets.numpy(), self.keys.numpy(), self.stats.numpy()
+        state_index = np.asarray(state_index, dtype=np.int64)
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.zeros((keys.size, stats.shape[1]), dtype=np.float32)
+        last = all_keys.size - 1
+        if last < 0 or keys.size == 0:
+            return out
+        base = offsets[state_index]  # fancy indexing: fresh arrays
+        end = offsets[state_index + 1]
+        n = end - base
+        # lower bound of keys[m] in all_keys[base[m] : base[m] + n[m]] (Knuth's "uniform" halving)
+        rem = n.copy()
+        while True:
+            half = rem >> 1
+            if not half.any():
+                break
+            probe = np.minimum(base + half, last)
+            base += half * (all_keys[probe] < keys)
+            rem -= half
+        pos = base + ((all_keys[np.minimum(base, last)] < keys) & (n > 0))  # in [base, end]
+        safe = np.minimum(pos, last)
+        hit = np.flatnonzero((pos < end) & (all_keys[safe] == keys))
+        out[hit] = stats[safe[hit]]
         return out
 
 
@@ -286,12 +332,12 @@ class U2IFunction:
             raise ValueError(f"state_index has {state_index.numel()} entries, item_ids {n}")
         F, S = len(self.spec.fields), len(self.spec.stats)
         agg = torch.zeros(n, F, S, dtype=torch.float64)
+        single: List[Tuple[int, torch.Tensor]] = []  # single-valued fields: one lookup for all of them
         for f, (key_offsets, keys) in enumerate(self._item_keys):
             starts = key_offsets[item_ids]
             lens = key_offsets[item_ids + 1] - starts
             if bool((lens == 1).all()):
-                stats = states.lookup(state_index, keys[starts], self.stride)
-                agg[:, f, :] = stats.to(torch.float64)
+                single.append((f, keys[starts]))
             else:
                 offs = torch.zeros(n + 1, dtype=torch.long)
                 torch.cumsum(lens, 0, out=offs[1:])
@@ -299,6 +345,11 @@ class U2IFunction:
                 row = torch.repeat_interleave(torch.arange(n, dtype=torch.long), lens)
                 stats = states.lookup(state_index[row], keys[flat], self.stride)
                 agg[:, f, :].index_add_(0, row, stats.to(torch.float64))
+        if single:
+            query = torch.cat([k for _, k in single]) if len(single) > 1 else single[0][1]
+            stats = states.lookup(state_index.repeat(len(single)), query, self.stride).reshape(len(single), n, S)
+            for i, (f, _) in enumerate(single):
+                agg[:, f, :] = stats[i]  # float32 -> float64, exact
         return u2i_from_field_stats(agg, self.spec.transforms)
 
 
