@@ -17,7 +17,7 @@ w/o inference MLP_u2t      (DIG's checkpoint)                              u2t.i
 w/o both (Table 6)         (w/o training-side u2i's checkpoint)            u2t.inference=none
 last-layer supervision     loss.recall_supervision=last_layer              --
 recall samples = exposure  loss.recall_samples=exposure                    --
-DIG, beam 16               (DIG's checkpoint)                              eval.beam_size=16
+DIG, beam 64 / beam 16    (DIG's checkpoint)                              eval.beam_size=64 / 16
 DIG, exclude history       (DIG's checkpoint)                              --exclude-history
 popularity                 (from DIG's evaluations)                        --
 =========================  ==============================================  =====================
@@ -75,8 +75,11 @@ VARIANTS: List[Variant] = [
     Variant("last-layer supervision", train=("loss.recall_supervision=last_layer",), note="Ablation 4"),
     Variant("recall samples = exposure", train=("loss.recall_samples=exposure",), note="issue 3 switch",
             optional=True),
+    Variant("DIG, no dead-code restarts", train=("tokenizer.restart_dead_codes=false",),
+            note="investigation: SID churn", optional=True),
     # extra evaluations of DIG's checkpoint: a narrow beam (fidelity is only informative when
     # B is well below the number of valid depth-(L-1) prefixes) and the exclude-history protocol
+    Variant("DIG, beam 64", evaluate=("eval.beam_size=64", "eval.topk=[10,50]"), reuse="DIG", note="fidelity"),
     Variant("DIG, beam 16", evaluate=("eval.beam_size=16", "eval.topk=[10]"), reuse="DIG", note="fidelity"),
     Variant("DIG, exclude history", reuse="DIG", eval_flags=("--exclude-history",), note="protocol"),
 ]
@@ -299,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--max-users", type=int, default=0, help="evaluate a seeded subset of users (0: all)")
     p.add_argument("--exclude-history", action="store_true")
-    p.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
+    p.add_argument("--only", default="", help="';'-separated variant names to run (default: all but the optional ones)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate even if cached")
     p.add_argument("--notes", default=None, help="markdown appended as a 'Findings' section (analysis of the run)")
     p.add_argument("--eval-overrides", nargs="*", default=[], help="extra overrides for every `dig eval`")
@@ -309,7 +312,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     stem = Path(args.config).stem
     out = Path(args.out or REPO / "benchmarks" / "results" / f"paper_tables_{stem}.md")
     work = Path(args.work or REPO / "runs" / "paper_tables" / stem).resolve()
-    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+    wanted = {s.strip() for s in args.only.split(";") if s.strip()}
+    unknown = wanted - {v.name for v in VARIANTS}
+    if unknown:
+        p.error(f"--only: unknown variant(s) {sorted(unknown)}; valid: {'; '.join(v.name for v in VARIANTS)}")
     t0 = time.time()
     res: Dict[str, List[Dict[str, object]]] = {v.name: [] for v in VARIANTS}
     for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -338,3 +338,81 @@ def test_decoding_straight_into_emission_order_equals_decode_then_permute(tiny_d
         assert np.array_equal(np.take(a, perm, axis=axis), b)
     H = schema.history_length
     assert np.array_equal(base[3], _history_reference(t.column("history").to_pylist(), H))
+
+
+@pytest.mark.parametrize("null_history", [False, True])
+def test_window_history_pack_and_blocks_equal_the_dense_history(tiny_dataset, tiny_meta_schema, null_history):
+    """``_History`` (the window's packed hist ids, dense blocks on demand, cursor offsets and
+    lengths) == the dense ``[H, n]`` -1 padded block, also for concatenated + permuted parts."""
+    import pyarrow as pa
+
+    from dig_torchrec.data.reader import RowDecoder, _History, list_row_groups
+
+    meta, schema = tiny_meta_schema
+    H = schema.history_length
+    dec = RowDecoder(schema, meta, hash_ids=False, with_state=False)
+    g = list_row_groups(tiny_dataset / "train")[0]
+    t = pads.dataset(str(tiny_dataset / "train")).to_table(columns=dec.columns()).slice(0, 400)
+    if null_history:
+        h = t.column("history").combine_chunks()
+        h = pa.ListArray.from_arrays(h.offsets, h.values, mask=pa.array(np.arange(len(h)) % 5 == 1))
+        t = t.set_column(t.schema.get_field_index("history"), "history", h).slice(3)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(t.num_rows)
+    hist = dec.decode_window(t, g, perm)[3]
+    dense = np.take(_history_reference(t.column("history").to_pylist(), H), perm, axis=1)
+    n = t.num_rows
+    assert np.array_equal(hist.block(0, n), dense)
+    assert np.array_equal(hist.block(17, 90), dense[:, 17:90])
+    rows = rng.integers(0, n, 50)
+    assert np.array_equal(hist.rows(rows), dense[:, rows])
+    mask = dense >= 0
+    assert np.array_equal(hist.values, dense[mask])  # key-major, rows in emission order
+    per_key = mask.sum(1)
+    assert np.array_equal(hist.key_start, np.concatenate([[0], np.cumsum(per_key)[:-1]]))
+    lengths = np.empty((H, 60), dtype=np.int32)
+    hist.lengths_into(lengths, 40, 100)
+    assert np.array_equal(lengths, mask[:, 40:100].astype(np.int32))
+    # cursor: sequential batches continue from the previous end; a jump recounts
+    for a, b in [(0, 64), (64, 128), (128, 200), (10, 20), (300, n), (64, 128)]:
+        counts = hist.key_counts(a, b)
+        assert np.array_equal(counts, mask[:, a:b].sum(1))
+        start = hist.starts(a)
+        assert np.array_equal(start, hist.key_start + mask[:, :a].sum(1))
+        hist.advance(a, b, counts)
+        for j in range(H):
+            assert np.array_equal(hist.values[start[j]:start[j] + counts[j]], dense[j, a:b][mask[j, a:b]])
+    # a multi-row-group window: parts concatenated then permuted
+    h1, h2 = dec.decode_window(t.slice(0, 150), g)[3], dec.decode_window(t.slice(150), g)[3]
+    perm2 = rng.permutation(n)
+    cat = _History.concat([h1, h2], perm2)
+    full = dec.decode_window(t, g)[3]
+    assert np.array_equal(cat.block(0, n), np.take(full.block(0, n), perm2, axis=1))
+    ref = np.take(full.block(0, n), perm2, axis=1)
+    assert np.array_equal(cat.values, ref[ref >= 0])
+
+
+@pytest.mark.parametrize("positives", [0, 7, 64])
+def test_kjt_from_the_window_pack_equals_the_dense_reference_path(tiny_dataset, tiny_data_config, tiny_meta_schema,
+                                                                  positives):
+    """A full batch's KJT built from the window's packed history ids (the hot path) is
+    identical to the one built by masking the dense history block (the path of batches that
+    straddle windows), with and without retrieval slots, for in-order and out-of-order batches."""
+    _, schema = tiny_meta_schema
+    cfg = dataclasses.replace(tiny_data_config, retrieval_positives=max(positives, 1))
+    reader = ExposureReader(tiny_dataset, "train", cfg, schema)
+    windows, rngs = reader._slot_order(0, 0)
+    win = reader._load_window(windows[0], rngs[0])
+    B, K = reader.batch_size, reader.negatives
+    assert win.num_rows >= 4 * B
+    rng = np.random.default_rng(positives)
+    for a in [0, B, 2 * B, 7, B, 3 * B]:
+        b = a + B
+        slot_rows = np.sort(rng.choice(B, positives, replace=False)) if positives else np.zeros(0, dtype=np.int64)
+        slot_items = rng.integers(0, reader.items.num_items, (positives, 1 + K))
+        args = (win.sparse_t[:, a:b], win.item[a:b])
+        fast = reader._kjt(args[0], None, args[1], slot_rows, slot_items, (win.hist, a, b))
+        ref = reader._kjt(args[0], win.hist.block(a, b), args[1], slot_rows, slot_items)
+        assert torch.equal(fast.values(), ref.values()) and torch.equal(fast.lengths(), ref.lengths())
+        assert fast.length_per_key() == ref.length_per_key() and fast.offset_per_key() == ref.offset_per_key()
+        assert fast.keys() == ref.keys() and fast.stride() == ref.stride()

@@ -229,3 +229,58 @@ def test_u2i_of_a_reader_window_matches_per_state_recomputation(tiny_dataset, ti
     seg = fn(states, rows, neg)
     states.composite(fn.stride)
     assert torch.equal(seg, fn(states, rows, neg))
+
+
+def test_arrow_view_states_equal_the_copied_states(tiny_dataset):
+    """``ArrowUserStates.from_arrow_view`` (the reader's zero-copy states) looks up and
+    materializes exactly what ``UserStates.from_arrow`` copies: null states, sliced and
+    chunked columns, and (fallback) nulls that own entries."""
+    from dig_torchrec.data.u2i import ArrowUserStates
+
+    col = pads.dataset(str(tiny_dataset / "train")).to_table(columns=["user_state"]).column("user_state")
+    arr = col.combine_chunks()
+    assert arr.null_count > 0
+    offs = arr.offsets.to_numpy()
+    owning = pa.ListArray.from_arrays(pa.array(offs), arr.values,
+                                      mask=pa.array((np.arange(len(arr)) % 4 == 0) & (np.diff(offs) > 0)))
+    rng = np.random.default_rng(0)
+    cases = [(arr, True), (arr.slice(37, 500), True), (pa.chunked_array([arr]), True),
+             (pa.chunked_array([arr.slice(0, 100), arr.slice(100)]), False), (owning, False)]
+    for array, zero_copy in cases:
+        ref = UserStates.from_arrow(array)
+        names = [f.name for f in ref_type_fields(array)]
+        view = ArrowUserStates.from_arrow_view(array, names)
+        assert isinstance(view, ArrowUserStates) == zero_copy
+        assert len(view) == len(ref) and view.num_stats == ref.num_stats
+        si = rng.integers(0, len(ref), 400)
+        present = ref.keys.numpy()
+        stored = rng.choice(present, 400) if present.size else 0
+        keys = np.where(rng.random(400) < 0.5, stored, rng.integers(0, 3000, 400))
+        assert np.array_equal(view.lookup_segmented(si, keys), ref.lookup_segmented(si, keys))
+        for a, b in ((view.offsets, ref.offsets), (view.keys, ref.keys), (view.stats, ref.stats)):
+            assert torch.equal(a, b)
+        assert torch.equal(view.lookup(torch.from_numpy(si), torch.from_numpy(keys), 4096),
+                           ref.lookup(torch.from_numpy(si), torch.from_numpy(keys), 4096))
+
+
+def ref_type_fields(array):
+    t = array.type.value_type
+    return [t.field(i) for i in range(t.num_fields) if t.field(i).name != "key"]
+
+
+def test_single_key_u2i_path_equals_the_per_field_loop(tiny_dataset, tiny_meta_schema):
+    """U2IFunction's one-gather path for single-valued fields == the per-field CSR loop."""
+    meta, schema = tiny_meta_schema
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    assert fn._single_keys is not None
+    table = pads.dataset(str(tiny_dataset / "train")).to_table()
+    states = UserStates.from_arrow(table.column("user_state"))
+    rng = np.random.default_rng(0)
+    rows = torch.from_numpy(rng.integers(0, len(states), 3000))
+    items = torch.from_numpy(rng.integers(0, fn.items.num_items, 3000))
+    fast = fn(states, rows, items)
+    single, fn._single_keys = fn._single_keys, None
+    try:
+        assert torch.equal(fast, fn(states, rows, items))
+    finally:
+        fn._single_keys = single

@@ -40,11 +40,14 @@ Hot loop
     KJT value layout) straight into emission order (the window's permutation is applied by
     the decoding gathers themselves), draw every batch's retrieval slots and negatives,
     computing all their u2i in ONE :class:`U2IFunction` call per window (a per-state binary
-    search, no index over the window's states), and build every batch lying inside the
-    window from a contiguous range: slice copies for the exposure rows, broadcasts of the
-    click rows for the retrieval rows, one gather of item features, all written into one
-    preallocated KJT values buffer per batch (fresh per batch: batches in flight in a
-    training pipeline never share memory). The iterating thread only builds the few batches
+    search directly on the arrow column's buffers, :class:`ArrowUserStates`: no copy and no
+    index over the window's states), and build every batch lying inside the window from a
+    contiguous range: slice copies for the exposure rows, broadcasts of the click rows for
+    the retrieval rows, one gather of item features, all written into one preallocated KJT
+    values buffer per batch (fresh per batch: batches in flight in a training pipeline never
+    share memory). The history keys are packed once per window in KJT form
+    (:class:`_History`: present ids key-major), so a batch copies one slice per key instead
+    of masking a dense ``[H, rows]`` block. The iterating thread only builds the few batches
     that straddle two windows. No per-row Python, no arrow -> Python objects.
 
 State (``state_dict``): epoch, batches yielded in the epoch and real rows yielded; the
@@ -76,7 +79,7 @@ from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.schema import (HISTORY, ITEM_ID, LABEL, U2I, USER_STATE, DatasetMeta,
                                       FeatureSchema)
-from dig_torchrec.data.u2i import U2IFunction, UserStates
+from dig_torchrec.data.u2i import ArrowUserStates, U2IFunction, UserStates
 from dig_torchrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -174,18 +177,18 @@ class _Window:
         sparse_t: ``[n_user_ctx, n]`` user + context ids, key-major (user_id first).
         item: ``[n]`` item ids.
         label: ``[n]`` float32 labels.
-        hist_t: ``[H, n]`` hist_j ids (j-th most recent click), -1 padded, key-major.
+        hist: the rows' histories (:class:`_History`; dense ``[H, rows]`` blocks on demand).
         u2i: ``[n, d_c]`` float32.
         states: the window's user states in FILE order (None without retrieval rows).
         state_row: ``[n]`` emission row -> index into ``states`` (None: identity).
     """
 
-    def __init__(self, sparse_t: np.ndarray, item: np.ndarray, label: np.ndarray, hist_t: np.ndarray,
+    def __init__(self, sparse_t: np.ndarray, item: np.ndarray, label: np.ndarray, hist: "_History",
                  u2i: np.ndarray, states: Optional[UserStates], state_row: Optional[np.ndarray]) -> None:
         self.sparse_t = sparse_t
         self.item = item
         self.label = label
-        self.hist_t = hist_t
+        self.hist = hist
         self.u2i = u2i
         self.states = states
         self.state_row = state_row
@@ -197,6 +200,105 @@ class _Window:
     def state_index(self, rows: np.ndarray) -> np.ndarray:
         """Indices into ``states`` of emission rows ``rows``."""
         return rows if self.state_row is None else self.state_row[rows]
+
+
+class _History:
+    """The history keys of a window's rows (emission order), kept as the decoded list values
+    plus, per row, the position of its most recent click and its length: hist_j of row r is
+    ``vals[last[r] - j]`` if ``j < num[r]`` else -1.
+
+    Holds the KJT form of every key built once (``values``: the present ids of hist_0, then
+    hist_1, ..., rows in emission order; ``key_start``): a batch of consecutive window rows
+    copies one slice per key (:meth:`ExposureReader._hist_fast`) instead of masking a dense
+    ``[H, rows]`` block; dense blocks (:meth:`block`, :meth:`rows`) are built on demand only
+    for the few batches that straddle windows and for retrieval slots.
+
+    Args:
+        vals: int64 list values (checked ids) of the history column.
+        last: ``[n]`` index in ``vals`` of each row's most recent click.
+        lens: ``[n]`` history length of each row.
+        H: history keys.
+    """
+
+    def __init__(self, vals: np.ndarray, last: np.ndarray, lens: np.ndarray, H: int) -> None:
+        self.vals, self.last, self.H = vals, last, H
+        self.num = np.minimum(lens, H)  # hist keys present per row
+        self.values = np.empty(int(self.num.sum()) if vals.size else 0, dtype=np.int64)
+        self.key_start = np.zeros(H, dtype=np.int64)
+        if vals.size:
+            lr, nr, pos = last, self.num, 0  # most recent click and length of the rows having hist_j
+            for j in range(H):  # per key, one gather of the rows that have it (a shrinking subset)
+                keep = nr > j
+                if not keep.all():
+                    lr, nr = lr[keep], nr[keep]
+                self.key_start[j] = pos
+                if lr.size:
+                    # mode="clip": the indices are valid, and take(out=) with the default
+                    # mode="raise" buffers the output (3x slower for random gathers)
+                    np.take(vals, lr - j, out=self.values[pos:pos + lr.size], mode="clip")
+                    pos += lr.size
+        self.key_index = np.arange(H, dtype=np.int64)[:, None]  # [H, 1]
+        self._lock = threading.Lock()
+        self._cursor: Tuple[int, np.ndarray] = (0, self.key_start)  # (row, start of row's ids per key)
+
+    @classmethod
+    def concat(cls, parts: Sequence["_History"], perm: Optional[np.ndarray]) -> "_History":
+        """Rows of ``parts`` one after the other, then reordered (row i = row ``perm[i]``)."""
+        shift = np.cumsum([0] + [p.vals.size for p in parts[:-1]])
+        vals = np.concatenate([p.vals for p in parts])
+        last = np.concatenate([p.last + o for p, o in zip(parts, shift)])
+        num = np.concatenate([p.num for p in parts])
+        if perm is not None:
+            last, num = last[perm], num[perm]
+        return cls(vals, last, num, parts[0].H)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.num.size)
+
+    def _dense(self, last: np.ndarray, num: np.ndarray) -> np.ndarray:
+        if not self.vals.size:
+            return np.full((self.H, num.size), -1, dtype=np.int64)
+        idx = last[None, :] - self.key_index  # [H, m]: vals index of hist_j (valid where j < num)
+        np.maximum(idx, 0, out=idx)
+        out = np.take(self.vals, idx)
+        out[self.key_index >= num[None, :]] = -1
+        return out
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        """Dense ``[H, b - a]`` hist ids of rows ``a .. b-1``, -1 padded."""
+        return self._dense(self.last[a:b], self.num[a:b])
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """Dense ``[H, len(rows)]`` hist ids of the given rows, -1 padded."""
+        return self._dense(self.last[rows], self.num[rows])
+
+    def lengths_into(self, out: np.ndarray, a: int, b: int) -> None:
+        """int32 ``out [H, b - a]`` = 1 where row ``a + i`` has hist_j."""
+        np.greater(self.num[None, a:b], self.key_index, out=out, casting="unsafe")
+
+    def key_counts(self, a: int, b: int) -> np.ndarray:
+        """``[H]`` rows in ``[a, b)`` that have hist_j."""
+        H = self.key_start.size
+        ge = np.bincount(self.num[a:b], minlength=H + 1)[::-1].cumsum()[::-1]  # ge[v] = rows with num >= v
+        return ge[1:H + 1]
+
+    def starts(self, a: int) -> np.ndarray:
+        """``[H]`` position in ``values`` of the first id of row ``a`` (or later) per key."""
+        with self._lock:
+            row, pos = self._cursor
+            if row == a:
+                return pos
+            if row > a:  # not sequential: count from the window start
+                row, pos = 0, self.key_start
+            return pos + self.key_counts(row, a)
+
+    def advance(self, a: int, b: int, counts: np.ndarray) -> None:
+        """Remember that row ``b``'s ids start at ``starts(a) + counts`` (batches are built in order)."""
+        with self._lock:
+            row, pos = self._cursor
+            if row == a:
+                self._cursor = (b, pos + counts)
 
 
 class RowDecoder:
@@ -247,8 +349,14 @@ class RowDecoder:
 
     def decode_key_major(self, t: pa.Table, g: RowGroup, perm: Optional[np.ndarray] = None
                          ) -> Tuple[np.ndarray, ...]:
-        """Like :meth:`decode` but with ``sparse [U, n]`` and ``history [H, n]`` key-major
-        (the KJT value layout).
+        """:meth:`decode_window` with the history as a dense ``[H, n]`` block."""
+        sparse, item, label, hist, u2i = self.decode_window(t, g, perm)
+        return sparse, item, label, hist.block(0, hist.num_rows), u2i
+
+    def decode_window(self, t: pa.Table, g: RowGroup, perm: Optional[np.ndarray] = None
+                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, "_History", np.ndarray]:
+        """Like :meth:`decode` but with ``sparse [U, n]`` key-major (the KJT value layout) and
+        the history as a :class:`_History` (packed KJT values; dense blocks on demand).
 
         Args:
             perm: output row i = table row ``perm[i]`` (a permutation of ``range(n)``): the
@@ -266,7 +374,7 @@ class RowDecoder:
             if perm is None:
                 sparse[j] = ids
             else:
-                np.take(ids, perm, out=sparse[j])
+                np.take(ids, perm, out=sparse[j], mode="clip")  # a permutation: valid (unbuffered out)
         item = self.check_ids(t.column(ITEM_ID).to_numpy().astype(np.int64, copy=False), ITEM_ID, card[ITEM_ID], g)
         label = t.column(LABEL).to_numpy()
         if perm is not None:
@@ -285,18 +393,10 @@ class RowDecoder:
             offs = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lens, out=offs[1:])
         vals = self.check_ids(vals, HISTORY, card[ITEM_ID], g, offs)
-        hist = np.full((H, n), -1, dtype=np.int64)
-        if H and vals.size:
-            # hist_j of row r = the j-th most recent click = vals[offs[r+1] - 1 - j] if j < len_r,
-            # else -1 (keeps the H most recent): per j, one gather of the rows that have it
-            last = offs[1:] - 1
-            if perm is not None:
-                last, lens = last[perm], lens[perm]
-            for j in range(H):
-                rows = np.flatnonzero(lens > j)
-                if not rows.size:
-                    break
-                hist[j, rows] = vals[last[rows] - j]
+        last = offs[1:] - 1  # each row's most recent click
+        if perm is not None:
+            last, lens = last[perm], lens[perm]
+        hist = _History(vals, last, lens, H)
         ucol = t.column(U2I).combine_chunks()
         d_c = self.meta.u2i_dim
         flat = ucol.flatten().to_numpy(zero_copy_only=False)
@@ -617,23 +717,24 @@ class ExposureReader(IterableDataset):
         if self.shuffle and rng is not None:
             perm = rng.permutation(sum(t.num_rows for t in tables))  # emission row -> file row
         if len(tables) == 1:  # the common case (shuffle_buffer <= row group): decode in emission order
-            sparse_t, item, label, hist_t, u2i = self.decoder.decode_key_major(tables[0], groups[0], perm)
+            sparse_t, item, label, hist, u2i = self.decoder.decode_window(tables[0], groups[0], perm)
         else:
-            decoded = [self.decoder.decode_key_major(t, g) for t, g in zip(tables, groups)]
+            decoded = [self.decoder.decode_window(t, g) for t, g in zip(tables, groups)]
 
             def cat(i: int, axis: int = 0) -> np.ndarray:
                 return np.concatenate([d[i] for d in decoded], axis=axis)
 
-            sparse_t, item, label, hist_t, u2i = cat(0, 1), cat(1), cat(2), cat(3, 1), cat(4)
+            sparse_t, item, label, u2i = cat(0, 1), cat(1), cat(2), cat(4)
+            hist = _History.concat([d[3] for d in decoded], perm)
             if perm is not None:
-                sparse_t, hist_t = np.take(sparse_t, perm, axis=1), np.take(hist_t, perm, axis=1)
+                sparse_t = np.take(sparse_t, perm, axis=1)
                 item, label, u2i = item[perm], label[perm], np.take(u2i, perm, axis=0)
         states = None
         if self.with_retrieval:
             col = tables[0].column(USER_STATE) if len(tables) == 1 else pa.chunked_array(
                 [c for t in tables for c in t.column(USER_STATE).chunks])
-            states = UserStates.from_arrow(col, self.meta.u2i_stats)
-        return _Window(sparse_t, item, label, hist_t, u2i, states, perm)
+            states = ArrowUserStates.from_arrow_view(col, self.meta.u2i_stats)  # no copy
+        return _Window(sparse_t, item, label, hist, u2i, states, perm)
 
     def _read_group(self, g: RowGroup) -> pa.Table:
         # ParquetFile.read_row_group without arrow's thread pool: ~10% less CPU than a
@@ -703,13 +804,20 @@ class ExposureReader(IterableDataset):
             plan: the retrieval slots precomputed by :meth:`_plan_window` (else drawn here
                 from ``gen``).
         """
+        B = self.batch_size
+        pack: Optional[Tuple[_History, int, int]] = None
+        hist_t: Optional[np.ndarray] = None
         if len(parts) == 1:  # the common case: views of one window, no copy
             w0, a, b = parts[0]
-            sparse_t, hist_t = w0.sparse_t[:, a:b], w0.hist_t[:, a:b]
+            sparse_t = w0.sparse_t[:, a:b]
+            if b - a == B:  # a full batch: history keys sliced from the window's packed ids
+                pack = (w0.hist, a, b)
+            else:
+                hist_t = w0.hist.block(a, b)
             item, label, u2i = w0.item[a:b], w0.label[a:b], w0.u2i[a:b]
         else:  # the batch straddles windows: copy the (few) rows of each into one range
             sparse_t = np.concatenate([w.sparse_t[:, a:b] for w, a, b in parts], axis=1)
-            hist_t = np.concatenate([w.hist_t[:, a:b] for w, a, b in parts], axis=1)
+            hist_t = np.concatenate([w.hist.block(a, b) for w, a, b in parts], axis=1)
             item, label, u2i = (np.concatenate([getattr(w, c)[a:b] for w, a, b in parts])
                                 for c in ("item", "label", "u2i"))
         n = item.shape[0]
@@ -750,7 +858,7 @@ class ExposureReader(IterableDataset):
             slot_items[max(real, 1):] = slot_items[0]
             r_u2i[max(real, 1):] = r_u2i[0]
             slot_w[:real] = 1.0
-        kjt = self._kjt(sparse_t, hist_t, item, slot_rows, slot_items)
+        kjt = self._kjt(sparse_t, hist_t, item, slot_rows, slot_items, pack)
         return DIGBatch(sparse_features=kjt, u2i=torch.from_numpy(ex_u2i), labels=torch.from_numpy(ex_label),
                         weights=torch.from_numpy(weights),
                         retrieval_u2i=torch.from_numpy(r_u2i.reshape(P * (1 + K), d_c)),
@@ -786,23 +894,35 @@ class ExposureReader(IterableDataset):
         if P:
             out[:, B:].reshape(out.shape[0], P, -1)[...] = np.take(src, slot_rows, axis=1)[:, :, None]
 
-    def _kjt(self, sparse_t: np.ndarray, hist_t: np.ndarray, item: np.ndarray, slot_rows: np.ndarray,
-             slot_items: np.ndarray) -> KeyedJaggedTensor:
+    def _kjt(self, sparse_t: np.ndarray, hist_t: Optional[np.ndarray], item: np.ndarray, slot_rows: np.ndarray,
+             slot_items: np.ndarray, pack: Optional[Tuple[_History, int, int]] = None) -> KeyedJaggedTensor:
         """KJT in ``schema.keys`` order of the B exposure rows then the P*(1+K) retrieval rows.
 
         Same layout as :func:`make_kjt` (``length_per_key``/``offset_per_key`` precomputed on
         the host), but built key-major in one preallocated values buffer: slice copies for
         the exposure rows, broadcasts for the retrieval rows, one gather for item features.
+
+        Args:
+            hist_t: ``[H, n]`` dense history block of the exposure rows (-1 padded); None with
+                ``pack``.
+            pack: ``(window's _History, a, b)`` when the B exposure rows are the window's
+                emission rows ``[a, b)``: the history keys are then sliced from the window's
+                packed ids (:meth:`_hist_fast`) instead of masking a dense block; the result
+                is identical.
         """
         B = self.batch_size
         N = B + slot_items.size
-        U, H = sparse_t.shape[0], hist_t.shape[0]
+        U, H = sparse_t.shape[0], self.schema.history_length
         F = self._item_features_t.shape[0]
         S = U + F  # single-valued keys
-        hist = np.empty((H, N), dtype=np.int64)
-        self._rows_into(hist, hist_t, slot_rows)
-        mask = hist >= 0
-        counts = np.array([np.count_nonzero(m) for m in mask], dtype=np.int64)  # 2x count_nonzero(axis=1)
+        if pack is not None:
+            hist_fill, counts = self._hist_fast(pack, slot_rows, slot_items.shape[1])
+        else:
+            assert hist_t is not None
+            hist = np.empty((H, N), dtype=np.int64)
+            self._rows_into(hist, hist_t, slot_rows)
+            mask = hist >= 0
+            counts = np.array([np.count_nonzero(m) for m in mask], dtype=np.int64)  # 2x count_nonzero(axis=1)
         values = np.empty(S * N + int(counts.sum()), dtype=np.int64)
         self._rows_into(values[:U * N].reshape(U, N), sparse_t, slot_rows)
         items = np.empty(N, dtype=np.int64)
@@ -811,15 +931,59 @@ class ExposureReader(IterableDataset):
         items[n:B] = item[0]
         items[B:] = slot_items.reshape(-1)
         np.take(self._item_features_t, items, axis=1, out=values[U * N:S * N].reshape(F, N), mode="clip")
-        np.compress(mask.reshape(-1), hist.reshape(-1), out=values[S * N:])
         lengths = np.empty((S + H) * N, dtype=np.int32)
         lengths[:S * N] = 1
-        lengths[S * N:] = mask.reshape(-1)
+        if pack is not None:
+            hist_fill(values[S * N:], lengths[S * N:].reshape(H, N))
+        else:
+            np.compress(mask.reshape(-1), hist.reshape(-1), out=values[S * N:])
+            lengths[S * N:] = mask.reshape(-1)
         length_per_key = [N] * S + counts.tolist()
         offset_per_key = [0] + np.cumsum(length_per_key).tolist()
         return KeyedJaggedTensor(keys=self.schema.keys, values=torch.from_numpy(values),
                                  lengths=torch.from_numpy(lengths), stride=N, length_per_key=length_per_key,
                                  offset_per_key=offset_per_key)
+
+    def _hist_fast(self, pack: Tuple[_History, int, int], slot_rows: np.ndarray, R1: int):
+        """History keys of a full batch (window rows ``[a, b)``) from the window's packed ids.
+
+        Per key j: the exposure rows' ids are one slice of the pack (they are consecutive in
+        it); each retrieval slot repeats its click row's hist_j (if present) 1 + K times.
+
+        Returns:
+            ``(fill, counts)``: ``counts [H]`` ids per key, and ``fill(values, lengths)``
+            writing the ids (``sum(counts)``, key-major) and the ``[H, N]`` int32 lengths.
+        """
+        hp, a, b = pack
+        H, B = hp.H, b - a
+        ex_counts = hp.key_counts(a, b)
+        ex_start = hp.starts(a)
+        hp.advance(a, b, ex_counts)
+        P = slot_rows.shape[0]
+        if P:
+            hsub = hp.rows(slot_rows + a)  # [H, P]: the slots' click rows
+            rmask = hsub >= 0
+            r_ids = np.repeat(np.compress(rmask.reshape(-1), hsub.reshape(-1)), R1)  # key-major, 1+K each
+            r_counts = np.count_nonzero(rmask, axis=1) * R1
+        else:
+            r_counts = np.zeros(H, dtype=np.int64)
+        counts = ex_counts + r_counts
+
+        def fill(values: np.ndarray, lengths: np.ndarray) -> None:
+            pieces = []
+            src, rpos = hp.values, 0
+            for st, c, rc in zip(ex_start.tolist(), ex_counts.tolist(), r_counts.tolist()):
+                pieces.append(src[st:st + c])
+                if rc:
+                    pieces.append(r_ids[rpos:rpos + rc])
+                    rpos += rc
+            if pieces:
+                np.concatenate(pieces, out=values)
+            hp.lengths_into(lengths[:, :B], a, b)
+            if P:
+                lengths[:, B:].reshape(H, P, -1)[...] = rmask[:, :, None]
+
+        return fill, counts
 
     def _pad_batch(self, gen: torch.Generator) -> DIGBatch:
         """A weight-0 batch (copies of the split's first row) to even out step counts."""

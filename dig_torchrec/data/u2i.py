@@ -156,6 +156,9 @@ class UserStates:
     def __len__(self) -> int:
         return int(self.offsets.numel()) - 1
 
+    def _num_entries(self) -> int:
+        return int(self.keys.numel())
+
     @property
     def num_stats(self) -> int:
         return int(self.stats.shape[1])
@@ -224,7 +227,7 @@ class UserStates:
         """
         state_index = torch.as_tensor(state_index, dtype=torch.long).reshape(-1)
         keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)
-        if self._composite is None and state_index.numel() < self.keys.numel():
+        if self._composite is None and state_index.numel() < self._num_entries():
             return torch.from_numpy(self.lookup_segmented(state_index.numpy(), keys.numpy()))
         comp = self.composite(stride)
         query = state_index * stride + keys
@@ -251,25 +254,132 @@ class UserStates:
         state_index = np.asarray(state_index, dtype=np.int64)
         keys = np.asarray(keys, dtype=np.int64)
         out = np.zeros((keys.size, stats.shape[1]), dtype=np.float32)
-        last = all_keys.size - 1
-        if last < 0 or keys.size == 0:
-            return out
-        base = offsets[state_index]  # fancy indexing: fresh arrays
-        end = offsets[state_index + 1]
-        n = end - base
-        # lower bound of keys[m] in all_keys[base[m] : base[m] + n[m]] (Knuth's "uniform" halving)
-        rem = n.copy()
-        while True:
-            half = rem >> 1
-            if not half.any():
-                break
-            probe = np.minimum(base + half, last)
-            base += half * (all_keys[probe] < keys)
-            rem -= half
-        pos = base + ((all_keys[np.minimum(base, last)] < keys) & (n > 0))  # in [base, end]
-        safe = np.minimum(pos, last)
-        hit = np.flatnonzero((pos < end) & (all_keys[safe] == keys))
-        out[hit] = stats[safe[hit]]
+        found = _segmented_search(offsets, all_keys, state_index, keys)
+        if found is not None:
+            hit, safe = found
+            out[hit] = stats[safe[hit]]
+        return out
+
+
+def _segmented_search(offsets: np.ndarray, all_keys: np.ndarray, state_index: np.ndarray, keys: np.ndarray
+                      ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The binary search of :meth:`UserStates.lookup_segmented`: ``(hit, entry)`` = the queries
+    whose key is in their state and, at those queries, the entry index (None: no entries/queries).
+    """
+    last = all_keys.size - 1
+    if last < 0 or keys.size == 0:
+        return None
+    base = offsets[state_index]  # fancy indexing: fresh arrays
+    end = offsets[state_index + 1]
+    n = end - base
+    nonempty = n > 0
+    # an empty state's query probes nothing: park it on a valid index (it cannot hit, below),
+    # so that no probe needs clamping (for n > 0 every probe lies in [base, end))
+    np.minimum(base, last, out=base)
+    # lower bound of keys[m] in all_keys[base[m] : base[m] + n[m]] (Knuth's "uniform" halving);
+    # rem <- rem - rem // 2 per round, so ceil(log2(max n)) rounds bring every rem to <= 1
+    rounds, r = 0, int(n.max())
+    while r > 1:
+        r -= r >> 1
+        rounds += 1
+    rem = n.copy()
+    for _ in range(rounds):
+        half = rem >> 1
+        probe = base + half
+        np.add(base, half, out=base, where=np.take(all_keys, probe) < keys)
+        rem -= half
+    pos = base + ((all_keys[base] < keys) & nonempty)  # in [base, end]
+    safe = np.minimum(pos, last)
+    hit = np.flatnonzero((pos < end) & nonempty & (all_keys[safe] == keys))
+    return hit, safe
+
+
+class ArrowUserStates(UserStates):
+    """:class:`UserStates` over the arrow column's own buffers (no copy): what the reader's
+    per-window lookups need (:meth:`lookup_segmented`). The torch tensors (``offsets``,
+    ``keys``, ``stats``, for :meth:`select` / the composite index) are copied on first use,
+    equal to :meth:`UserStates.from_arrow`'s.
+
+    Build with :meth:`from_arrow_view`, which falls back to a copying :class:`UserStates`
+    when the column has nulls or is not one contiguous chunk.
+    """
+
+    def __init__(self, offsets: np.ndarray, keys: np.ndarray, stat_cols: Sequence[np.ndarray]) -> None:
+        self._np_offsets, self._np_keys, self._stat_cols = offsets, keys, list(stat_cols)
+        self._tensors: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._composite = None
+        self._stride = 0
+
+    @classmethod
+    def from_arrow_view(cls, array: pa.Array | pa.ChunkedArray, stat_names: Sequence[str]) -> UserStates:
+        if isinstance(array, pa.ChunkedArray):
+            if array.num_chunks != 1:
+                return UserStates.from_arrow(array, stat_names)
+            array = array.chunk(0)
+        if not isinstance(array, pa.ListArray):
+            return UserStates.from_arrow(array, stat_names)
+        struct = array.values
+        try:
+            offsets = array.offsets.to_numpy(zero_copy_only=True).astype(np.int64)  # [S+1], small
+            if array.null_count:  # a null must own no entries (parquet writes it so) to read as empty
+                nulls = array.is_null().to_numpy(zero_copy_only=False)
+                if (offsets[1:][nulls] != offsets[:-1][nulls]).any():
+                    return UserStates.from_arrow(array, stat_names)
+            keys = struct.field(STATE_KEY)
+            cols = [struct.field(n) for n in stat_names]
+            if struct.offset or any(c.null_count or c.offset for c in [keys, *cols]):
+                return UserStates.from_arrow(array, stat_names)
+            keys = keys.to_numpy(zero_copy_only=True)
+            cols = [c.to_numpy(zero_copy_only=True) for c in cols]
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError):
+            return UserStates.from_arrow(array, stat_names)
+        if keys.dtype != np.int64 or any(c.dtype != np.float32 for c in cols):
+            return UserStates.from_arrow(array, stat_names)
+        return cls(offsets, keys, cols)
+
+    def _materialize(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tensors is None:
+            off = self._np_offsets.astype(np.int64)
+            lo, hi = int(off[0]), int(off[-1])
+            stats = np.empty((hi - lo, len(self._stat_cols)), dtype=np.float32)
+            for j, c in enumerate(self._stat_cols):
+                stats[:, j] = c[lo:hi]
+            self._tensors = (torch.from_numpy(off - lo), torch.from_numpy(self._np_keys[lo:hi].copy()),
+                             torch.from_numpy(stats))
+        return self._tensors
+
+    @property
+    def offsets(self) -> torch.Tensor:  # type: ignore[override]
+        return self._materialize()[0]
+
+    @property
+    def keys(self) -> torch.Tensor:  # type: ignore[override]
+        return self._materialize()[1]
+
+    @property
+    def stats(self) -> torch.Tensor:  # type: ignore[override]
+        return self._materialize()[2]
+
+    def __len__(self) -> int:
+        return int(self._np_offsets.size) - 1
+
+    @property
+    def num_stats(self) -> int:
+        return len(self._stat_cols)
+
+    def _num_entries(self) -> int:
+        return int(self._np_offsets[-1]) - int(self._np_offsets[0])
+
+    def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        state_index = np.asarray(state_index, dtype=np.int64)
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.zeros((keys.size, len(self._stat_cols)), dtype=np.float32)
+        found = _segmented_search(self._np_offsets, self._np_keys, state_index, keys)
+        if found is not None:
+            hit, safe = found
+            e = safe[hit]
+            for j, c in enumerate(self._stat_cols):
+                out[hit, j] = c[e]
         return out
 
 
@@ -310,6 +420,11 @@ class U2IFunction:
         self.stride = max(self.spec.num_keys, 1)
         # per field: CSR of the item's global u2i keys
         self._item_keys = items.u2i_keys
+        # every field single-valued for every item (the common case): the key of each (field,
+        # item) as one [F, num_items] table, so a call gathers all its queries at once
+        self._single_keys: Optional[np.ndarray] = None
+        if self._item_keys and all(bool((off.diff() == 1).all()) for off, _ in self._item_keys):
+            self._single_keys = np.stack([keys[off[:-1]].numpy() for off, keys in self._item_keys])
 
     @property
     def dim(self) -> int:
@@ -331,6 +446,12 @@ class U2IFunction:
         if state_index.numel() != n:
             raise ValueError(f"state_index has {state_index.numel()} entries, item_ids {n}")
         F, S = len(self.spec.fields), len(self.spec.stats)
+        if self._single_keys is not None:  # same queries and values as the per-field loop below
+            query = torch.from_numpy(self._single_keys[:, item_ids.numpy()].reshape(-1))  # field-major
+            stats = states.lookup(state_index.repeat(F), query, self.stride).reshape(F, n, S)
+            agg = torch.empty(n, F, S, dtype=torch.float64)
+            agg.copy_(stats.permute(1, 0, 2))  # float32 -> float64, exact
+            return u2i_from_field_stats(agg, self.spec.transforms)
         agg = torch.zeros(n, F, S, dtype=torch.float64)
         single: List[Tuple[int, torch.Tensor]] = []  # single-valued fields: one lookup for all of them
         for f, (key_offsets, keys) in enumerate(self._item_keys):
