@@ -134,6 +134,11 @@ def industrial_meta(num_users: int = 20_000_000, num_items: int = 500_000, *, nu
     )
 
 
+def auto_positive_slots(click_rate: float, batch_size: int) -> int:
+    """The reader's ``data.retrieval_positives=0`` rule: ``ceil(2 * click rate * B)`` in [1, B]."""
+    return min(max(math.ceil(2 * click_rate * batch_size), 1), batch_size)
+
+
 class SyntheticBatches:
     """An endless cycle over ``pool`` pre-made :class:`DIGBatch` es of random ids in range.
 
@@ -342,11 +347,6 @@ def embedding_parameter_names(model: nn.Module) -> List[str]:
 
 
 # ---------------------------------------------------------------------- FLOPs
-def auto_positive_slots(click_rate: float, batch_size: int) -> int:
-    """The reader's ``data.retrieval_positives=0`` rule: ``ceil(2 * click rate * B)`` in [1, B]."""
-    return min(max(math.ceil(2 * click_rate * batch_size), 1), batch_size)
-
-
 def model_flops_per_sample(model: nn.Module, batch: DIGBatch) -> float:
     """fwd + bwd FLOPs of one training step on ``batch`` divided by its exposure rows.
 

@@ -328,13 +328,11 @@ class DIGModel(nn.Module):
                     "training batch has no retrieval rows (batch.retrieval_labels is empty) but "
                     "loss.recall_samples=retrieval; read it with with_retrieval=True"
                 )
-            rows = slice(B, B + R)
+            rows, rows_are_retrieval = slice(B, B + R), True
             u2i_r, labels_r, weights_r = batch.retrieval_u2i, batch.retrieval_labels, batch.retrieval_weights
-            user_norm_r = None  # BN_u of the kept retrieval rows, below
         else:
-            rows = slice(0, B)
+            rows, rows_are_retrieval = slice(0, B), False
             u2i_r, labels_r, weights_r = batch.u2i, batch.labels, batch.weights
-            user_norm_r = user_norm_exp
         # the recall path runs on the real (weight > 0) rows only: padding slots (a batch with
         # fewer clicks than retrieval slots) add nothing to the losses, and would both cost
         # L Mixer passes each and pollute the BN_u / BN_sid / BN_u2t batch statistics
@@ -342,10 +340,8 @@ class DIGModel(nn.Module):
         keep = (weights_r > 0).nonzero().squeeze(-1)
         if 2 <= keep.numel() < weights_r.numel():  # BN in training needs 2 rows; else keep all
             rows, u2i_r, labels_r, weights_r = rows[keep], u2i_r[keep], labels_r[keep], weights_r[keep]
-            if user_norm_r is not None:
-                user_norm_r = user_norm_r[keep]
-        if user_norm_r is None:
-            user_norm_r = self.bn_u(e_u[rows])
+        # exposure rows reuse the rank path's BN_u call (they are rows 0..B-1 of it)
+        user_norm_r = self.bn_u(e_u[rows]) if rows_are_retrieval else user_norm_exp[rows]
         sids_r = q.sids[rows]
         n = sids_r.shape[0]
         L = self.num_layers
@@ -358,8 +354,8 @@ class DIGModel(nn.Module):
         else:
             u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
 
-        # Eq. 7 for l = 1..L in one Mixer call (layers stacked along the batch dim)
-        recall_logits = self.mixer.forward_layers(
+        # Eq. 7 for l = 1..L in one Mixer call (a leading L: the passes share user and history)
+        recall_logits = self.mixer(
             user_norm_r,
             self.bn_sid(e_sid.reshape(L * n, -1)).view(L, n, -1),
             self.bn_u2t(u2t_in.reshape(L * n, -1)).view(L, n, -1),

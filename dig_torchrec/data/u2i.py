@@ -250,15 +250,22 @@ class UserStates:
         Returns:
             float32 numpy ``[M, num_stats]`` (0 where the key is absent).
         """
-        offsets, all_keys, stats = self.offsets.numpy(), self.keys.numpy(), self.stats.numpy()
         state_index = np.asarray(state_index, dtype=np.int64)
         keys = np.asarray(keys, dtype=np.int64)
-        out = np.zeros((keys.size, stats.shape[1]), dtype=np.float32)
-        found = _segmented_search(offsets, all_keys, state_index, keys)
+        out = np.zeros((keys.size, self.num_stats), dtype=np.float32)
+        found = _segmented_search(*self._search_arrays(), state_index, keys)
         if found is not None:
             hit, safe = found
-            out[hit] = stats[safe[hit]]
+            out[hit] = self._stats_at(safe[hit])
         return out
+
+    def _search_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(offsets ``[S+1]``, keys ``[T]``) as numpy, for :func:`_segmented_search`."""
+        return self.offsets.numpy(), self.keys.numpy()
+
+    def _stats_at(self, entries: np.ndarray) -> np.ndarray:
+        """float32 stats ``[len(entries), num_stats]`` of the given entry indices."""
+        return self.stats.numpy()[entries]
 
 
 def _segmented_search(offsets: np.ndarray, all_keys: np.ndarray, state_index: np.ndarray, keys: np.ndarray
@@ -370,16 +377,13 @@ class ArrowUserStates(UserStates):
     def _num_entries(self) -> int:
         return int(self._np_offsets[-1]) - int(self._np_offsets[0])
 
-    def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        state_index = np.asarray(state_index, dtype=np.int64)
-        keys = np.asarray(keys, dtype=np.int64)
-        out = np.zeros((keys.size, len(self._stat_cols)), dtype=np.float32)
-        found = _segmented_search(self._np_offsets, self._np_keys, state_index, keys)
-        if found is not None:
-            hit, safe = found
-            e = safe[hit]
-            for j, c in enumerate(self._stat_cols):
-                out[hit, j] = c[e]
+    def _search_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        return self._np_offsets, self._np_keys
+
+    def _stats_at(self, entries: np.ndarray) -> np.ndarray:
+        out = np.empty((entries.size, len(self._stat_cols)), dtype=np.float32)
+        for j, c in enumerate(self._stat_cols):
+            out[:, j] = c[entries]
         return out
 
 

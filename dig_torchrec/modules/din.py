@@ -66,13 +66,3 @@ class TargetAttention(nn.Module):
         scores = scores.masked_fill(~mask, -1e9)
         weights = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)
         return (weights.unsqueeze(-1) * keys).sum(-2)
-
-    def reference_forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The textbook form (concatenate [q, k, q-k, q*k] per slot); for tests."""
-        if keys.shape[1] == 0:
-            return keys.new_zeros(keys.shape[0], keys.shape[2])
-        q = self.query(target)[:, None, :].expand_as(keys)
-        scores = self.attention_out(self.attention_mlp(torch.cat([q, keys, q - keys, q * keys], -1))).squeeze(-1)
-        scores = scores.masked_fill(~mask, -1e9)
-        weights = torch.softmax(scores, dim=1) * mask.to(scores.dtype)
-        return (weights[..., None] * keys).sum(1)

@@ -96,37 +96,20 @@ class Mixer(nn.Module):
         self, user: torch.Tensor, target: torch.Tensor, cross_features: torch.Tensor,
         history_keys: torch.Tensor, history_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits ``[N]`` from normalised inputs.
+        """Logits ``[N]`` from normalised inputs, or ``[L, N]`` for L passes over the same rows.
+
+        ``target`` and ``cross_features`` may carry a leading L (the recall path's L prefix
+        depths, Eq. 7): the result equals the per-row call on the passes stacked along the
+        batch, but the user and history are shared and DIN projects the history once.
 
         Args:
             user: ``[N, F_u*d]`` BN_u(e_u).
-            target: ``[N, F_enc*d]`` BN_v(e_v) or BN_sid(e_sid^(1:l)).
-            cross_features: ``[N, d_c]`` BN_u2i(c_uv) or BN_u2t(u2t^(1:l)).
+            target: ``[(L,) N, F_enc*d]`` BN_v(e_v) or BN_sid(e_sid^(1:l)).
+            cross_features: ``[(L,) N, d_c]`` BN_u2i(c_uv) or BN_u2t(u2t^(1:l)).
             history_keys: ``[N, H, d]`` history item embeddings (DIN keys).
             history_mask: ``[N, H]`` True where the history position holds a click.
         """
         interest = self.din(target, history_keys, history_mask)
-        x = torch.cat([user, target, cross_features, interest], -1)
-        return self.head(self.moe(self.cross(x))).squeeze(-1)
-
-    def forward_layers(
-        self, user: torch.Tensor, targets: torch.Tensor, cross_features: torch.Tensor,
-        history_keys: torch.Tensor, history_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits ``[L, N]`` of L passes over the same N rows (the recall path, Eq. 7).
-
-        Equal to calling :meth:`forward` on the L passes stacked along the batch, but the
-        user's history goes through DIN's key projection once per row, not once per pass.
-
-        Args:
-            user: ``[N, F_u*d]`` BN_u(e_u), shared by the passes.
-            targets: ``[L, N, F_enc*d]`` BN_sid(e_sid^(1:l)).
-            cross_features: ``[L, N, d_c]`` BN_u2t(u2t^(1:l)).
-            history_keys: ``[N, H, d]``.
-            history_mask: ``[N, H]``.
-        """
-        L, n = targets.shape[:2]
-        interest = self.din(targets, history_keys, history_mask)  # [L, N, d]
-        x = torch.cat([user.unsqueeze(0).expand(L, -1, -1), targets, cross_features, interest], -1)
-        return self.head(self.moe(self.cross(x.reshape(L * n, -1)))).view(L, n)
-
+        lead = target.shape[:-1]
+        x = torch.cat([user.expand(*lead, -1), target, cross_features, interest], -1)
+        return self.head(self.moe(self.cross(x.reshape(-1, x.shape[-1])))).view(lead)
