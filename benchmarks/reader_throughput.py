@@ -99,6 +99,10 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--positives", default="0,1024",
                    help="comma-separated data.retrieval_positives values (0: auto = ceil(2 x train click rate x B), "
                         "the default); the first is measured for every --workers value, the others with workers=0")
+    p.add_argument("--reader-threads", default="0",
+                   help="comma-separated data.reader_threads values measured with workers=0 (0 = auto: usable cores "
+                        "- 1, the training default that leaves a core to the step; the raw scan uses every core, so "
+                        "reader_threads = cores is the equal-cores comparison)")
     p.add_argument("--settle", type=int, default=1, choices=(0, 1),
                    help="1: an untimed run of the same config right before each timed run (steady state, "
                         "see the module docstring); 0: back-to-back timed runs only")
@@ -113,11 +117,14 @@ def main(argv: List[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     positives = [int(x) for x in args.positives.split(",") if x.strip()]
 
-    def cfg_for(w: int, p_slots: int) -> DataConfig:
+    threads = [int(t) for t in args.reader_threads.split(",") if t.strip()]
+
+    def cfg_for(w: int, p_slots: int, t: int = 0) -> DataConfig:
         return DataConfig(path=str(root), batch_size=args.batch_size, history_length=20, num_workers=w,
-                          negatives_per_positive=args.negatives, retrieval_positives=p_slots)
+                          negatives_per_positive=args.negatives, retrieval_positives=p_slots, reader_threads=t)
 
     cfgs: Dict[str, DataConfig] = {f"reader_w{w}": cfg_for(w, positives[0]) for w in workers}
+    cfgs.update({f"reader_w0_t{t}": cfg_for(0, positives[0], t) for t in threads if t})
     cfgs.update({f"reader_w0_p{p_slots}": cfg_for(0, p_slots) for p_slots in positives[1:]})
     first = next(iter(cfgs.values()))
     meta, schema = open_dataset(root, first)
@@ -162,6 +169,7 @@ def main(argv: List[str] | None = None) -> int:
         "dataset": str(root), "train_rows": rows["raw"], "columns": columns, "batch_size": args.batch_size,
         "retrieval": {"positives_per_batch": slots,
                       "config_retrieval_positives": {k: c.retrieval_positives for k, c in cfgs.items()},
+                      "config_reader_threads": {k: c.reader_threads for k, c in cfgs.items()},
                       "negatives_per_positive": args.negatives,
                       "clicks_dropped_per_epoch": dropped},
         "repeats": args.repeats, "order": "interleaved; forward on even rounds, reversed on odd rounds",

@@ -29,6 +29,8 @@ class DataConfig:
     history_length: int = 20  # must be <= the dataset's stored history length
     shuffle_buffer: int = 4096  # rows; 0 disables shuffling
     num_workers: int = 0  # DataLoader workers per rank
+    reader_threads: int = 0  # threads decoding/batching windows ahead in the rank's process; 0 = auto:
+    # usable cores - 1 (at least 1), leaving a core to the training step. Ignored inside DataLoader workers (1 each).
     negatives_per_positive: int = 4  # full-corpus random negatives per click (paper §4.1)
     retrieval_positives: int = 0  # click slots per batch in the retrieval rows; 0 = auto: ceil(2 x train click rate
     # x batch size) in [1, batch size] (rate from items.parquet train clicks / train rows; same on every rank).
@@ -186,6 +188,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.history_length",
     "data.num_workers",
+    "data.reader_threads",
     "data.negatives_per_positive",
     "train.max_steps",
     "train.epochs",

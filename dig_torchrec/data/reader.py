@@ -589,8 +589,9 @@ class ExposureReader(IterableDataset):
         # training step): this thread only hands the batches over, so it does not fight the
         # prefetch threads for the GIL (that cost ~15% more CPU than one thread doing it all).
         # Inside a DataLoader worker one window ahead on one thread (the workers fill the cores).
-        depth = _PREFETCH_DEPTH if get_worker_info() is None else 1
-        threads = min(depth, _prefetch_threads()) if get_worker_info() is None else 1
+        in_worker = get_worker_info() is not None
+        threads = 1 if in_worker else (self.cfg.reader_threads or _prefetch_threads())
+        depth = 1 if in_worker else max(_PREFETCH_DEPTH, threads)
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dig-reader-prefetch",
                                   initializer=_prefetch_thread_init)
         B, real_batches = self.batch_size, -(-total // self.batch_size)
