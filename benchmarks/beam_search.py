@@ -1,11 +1,18 @@
 """Generative retrieval cost: beam search vs exhaustive leaf search vs full-corpus ranking.
 
+Two modes, same methods, same interleaving, same JSON layout:
+
+    # synthetic: untrained seeded network, synthetic catalogs of 10K / 100K / 500K items
     python benchmarks/beam_search.py                     # full sweep (about 40 min on a busy core)
     python benchmarks/beam_search.py --catalogs 2000 --beams 16 --beam-users 2 \
         --max-users 2 --out /tmp/bs.json                   # smoke run
 
-For each catalog size (10K, 100K, 500K items) one DIG network (``configs/industrial_large
-.yaml``: d=64, L=4, K=256, DIN + DCNv2 + MoE Mixer) serves the same users three ways:
+    # trained: a checkpoint (RUN/checkpoints/step-N) or a `dig export` bundle, its dataset's
+    # real catalog and real test requests (--catalogs is ignored; --data DIR overrides data.path)
+    python benchmarks/beam_search.py --checkpoint RUN/checkpoints/step-N \
+        --fidelity-users 16 --out benchmarks/results/beam_search_trained.json
+
+In both modes one DIG network serves the same users three ways:
 
 * beam search (Eq. 16, ``dig_torchrec.retrieval.beam_search.beam_search``) with B in
   {16, 64, 256}, leaves mapped to items through the inverted index;
@@ -17,17 +24,35 @@ All three use the retrieval package's own functions, the same user context (e_u,
 history) computed once per user batch, and one thread. Methods are interleaved chunk by
 chunk so load changes on the shared machine hit them alike; users/s is the median over
 chunks. Fidelity@10 = |beam top-10 items ∩ exhaustive top-10 items| / 10, averaged over
-the exhaustive users. The speedup's own limit is |V| divided by the (user, prefix) pairs
-beam search scored per user: the Mixer calls it saves.
+the exhaustive users (``--fidelity-users``, else the ``--exhaustive-rows`` budget). The
+speedup's own limit is |V| divided by the (user, prefix) pairs beam search scored per
+user: the Mixer calls it saves. History items are not excluded from the candidates.
 
-The network is untrained (seeded random weights) and the catalog is synthetic (random
-item features in the industrial_large cardinalities). The SIDs come from the model's own
+Synthetic mode (default). The network (``configs/industrial_large.yaml``: d=64, L=4,
+K=256, DIN + DCNv2 + MoE Mixer) is untrained (seeded random weights) and each catalog is
+synthetic (random item features in the industrial_large cardinalities), so its
+fidelity@10 says nothing about a trained model. The SIDs come from the model's own
 tokenizer: the balanced k-means tree init on the encoder's e_v (``DIGModel.
 initialize_tokenizer``) followed by the Eq. 2-3 assignment with last-layer collision
-resolution (``full_corpus_sids``), exactly what ``dig export`` indexes. Full ranking
-gets each item's u2i from a precomputed table (a gather), which makes it cheaper than
-the real U2I function and the reported speedups conservative. Timings cover scoring and
-top-k, not e_v / SID precomputation (offline work in serving).
+resolution (``full_corpus_sids``), exactly what ``dig export`` indexes. Users are random
+requests. Full ranking gets each item's u2i from a precomputed table (a gather), which
+makes it cheaper than the real U2I function and the reported speedups conservative.
+
+Checkpoint mode (``--checkpoint PATH``). PATH is loaded in this process exactly as
+``dig eval`` / ``dig retrieve`` load it (``retrieval.evaluate.load_inference_bundle``):
+the trained network, its resolved config, the dataset named by ``data.path`` (or
+``--data``), all of its ``items.parquet`` as the catalog, and the SID index eval uses
+(``SidIndex.load_or_build``: the bundle's / checkpoint's saved ``sid_index`` or, if none,
+the trained tokenizer's ``full_corpus_sids`` of every item, saved beside the checkpoint
+as ``dig eval`` does). The users are the dataset's retrieval targets
+(``retrieval/test.parquet``, ``--split``) read by ``load_targets`` as eval reads them: the
+first N rows in file order (``--user-sample first``) or eval's seeded subset
+(``--user-sample seeded``). The scorers are eval's ``UserBatchScorers``: the recall path
+with the configured u2t inference mode, and the rank path with e_v of every item and u2i
+from the real U2I function on the target row's user state (as ``dig eval``'s full-corpus
+ranking). The result is tagged by the real catalog size.
+
+Timings cover scoring and top-k, not e_v / SID precomputation (offline work in serving).
 """
 
 from __future__ import annotations
@@ -87,7 +112,7 @@ def synthetic_users(schema: FeatureSchema, num_users: int, seed: int = 1):  # ->
 
 
 def build_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
-    """Model, item table, e_v of every item, SID index and request users for one catalog size."""
+    """Synthetic mode: model, item table, e_v of every item, SID index and request users for one catalog size."""
     cfg = dig_config_for_bench(args.batch_size)
     cfg.tokenizer.init_kmeans_iters = args.kmeans_iters
     meta = industrial_meta(num_users=args.user_table_rows, num_items=num_items)
@@ -107,8 +132,75 @@ def build_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
     users = synthetic_users(model.schema, n_users, seed=args.seed + 1)
     g = torch.Generator().manual_seed(args.seed + 2)
     u2i = torch.randn(num_items, meta.u2i_dim, generator=g)
-    return {"model": model, "items": items, "e_v": e_v, "index": index, "users": users, "u2i": u2i,
+
+    def make_scorers(rows: torch.Tensor) -> tuple:
+        ctx = model.user_context(_select_users(users, rows))  # user-side work once per batch
+
+        def recall(ui: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+            return model.recall_logits(ctx, ui, prefix)  # Eq. 16
+
+        def rank(ui: torch.Tensor, it: torch.Tensor) -> torch.Tensor:
+            return model.rank_logits(ctx, ui, e_v[it], u2i[it])  # Eq. 17
+
+        return recall, rank
+
+    return {"num_items": num_items, "index": index, "make_scorers": make_scorers, "available_users": None,
             "prep_seconds": {"item_representations": t_ev, "tokenizer_init": t_init, "sid_assignment": t_sid}}
+
+
+def _checkpoint_step(path: Path) -> Optional[int]:
+    """Training step of a checkpoint (``train_state.json``) or export bundle (``manifest.json``)."""
+    import json
+
+    for name in ("train_state.json", "manifest.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                step = json.loads(f.read_text()).get("step")
+            except (OSError, ValueError):
+                continue
+            if step is not None:
+                return int(step)
+    return None
+
+
+def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
+    """Checkpoint mode: the trained model, its dataset's item table and SID index (loaded as
+    ``dig eval`` loads them) and the split's real retrieval requests as users."""
+    from dig_torchrec.data.reader import load_targets
+    from dig_torchrec.retrieval.evaluate import UserBatchScorers
+    from dig_torchrec.retrieval.evaluate import _select_users as eval_user_subset
+    from dig_torchrec.retrieval.evaluate import kjt_select_rows, load_inference_bundle
+
+    overrides = [f"data.path={args.data}"] if args.data else []
+    t0 = time.perf_counter()
+    bundle = load_inference_bundle(args.checkpoint, overrides)  # model + dataset + SID index, as `dig eval`
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bundle.item_representation_all()  # e_v of every item (cached; the rank path's item side)
+    t_ev = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    targets = load_targets(bundle.data_root, args.split, bundle.schema)
+    t_targets = time.perf_counter() - t0
+    num_items = bundle.items.num_items
+    available = len(targets)
+    n_users = min(max(users_for(num_items, args)), available)
+    if args.user_sample == "first":
+        user_rows = torch.arange(n_users)
+    else:  # the seeded subset `dig eval --max-users N` takes
+        user_rows = eval_user_subset(available, n_users, seed=args.seed)
+    u2t = bundle.cfg.u2t.inference
+
+    def make_scorers(rows: torch.Tensor) -> tuple:
+        trows = user_rows[rows]
+        sc = UserBatchScorers(bundle, kjt_select_rows(targets.user_kjt, trows), targets.states.select(trows), 0, u2t)
+        return sc.recall, sc.rank
+
+    make_scorers(torch.arange(1))  # warm-up outside the timings: builds and caches eval's U2I function
+    return {"num_items": num_items, "index": bundle.index, "make_scorers": make_scorers, "available_users": available,
+            "bundle": bundle, "user_rows": user_rows, "target_user_ids": targets.user_id[user_rows],
+            "prep_seconds": {"load_checkpoint_and_sid_index": t_load, "item_representations": t_ev,
+                             "load_targets": t_targets}}
 
 
 def _select_users(users, rows: torch.Tensor):  # noqa: ANN001
@@ -119,18 +211,11 @@ def _select_users(users, rows: torch.Tensor):  # noqa: ANN001
 
 def run_method(cat: Dict[str, Any], method: str, rows: torch.Tensor, beam: int, max_rows: int) -> Dict[str, Any]:
     """Serve users ``rows`` with one method; returns top-10 items, seconds and rows scored."""
-    model, index = cat["model"], cat["index"]
+    index = cat["index"]
     with torch.no_grad():
         t0 = time.perf_counter()
-        ctx = model.user_context(_select_users(cat["users"], rows))  # user-side work once per batch
+        recall, rank = cat["make_scorers"](rows)  # user-side work once per batch
         U = int(rows.numel())
-
-        def recall(ui: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-            return model.recall_logits(ctx, ui, prefix)  # Eq. 16
-
-        def rank(ui: torch.Tensor, it: torch.Tensor) -> torch.Tensor:
-            return model.rank_logits(ctx, ui, cat["e_v"][it], cat["u2i"][it])  # Eq. 17
-
         if method == "beam":
             res = beam_search(recall, U, index, beam, max_rows=max_rows)
             items, _ = leaves_to_items(res, index, TOPN, max_rows=max_rows)
@@ -148,27 +233,31 @@ def run_method(cat: Dict[str, Any], method: str, rows: torch.Tensor, beam: int, 
     return {"items": items, "seconds": seconds, "scored": scored, "users": U}
 
 
-def users_for(num_items: int, args: argparse.Namespace) -> tuple:
+def users_for(num_items: int, args: argparse.Namespace, available: Optional[int] = None) -> tuple:
     """(beam, exhaustive, full) users for a catalog: a row budget per method, within [min, max] users.
 
     Exhaustive leaf search and full ranking score |V| rows per user, so their user counts
-    shrink with the catalog; the exhaustive users double as the fidelity set.
+    shrink with the catalog; the exhaustive users double as the fidelity set, so
+    ``args.fidelity_users`` (when set) fixes their number instead of the budget. At most
+    ``available`` users per method (the real requests of checkpoint mode).
     """
     def clamp(x: int, lo: int, hi: int) -> int:
         return max(lo, min(hi, x))
 
     n_exh = clamp(args.exhaustive_rows // num_items, args.min_exhaustive_users, args.max_users)
+    if getattr(args, "fidelity_users", None):
+        n_exh = args.fidelity_users
     n_full = clamp(args.full_rows // num_items, 1, args.max_users)
     n_beam = max(n_exh, clamp(args.beam_users, 1, args.max_users))
+    if available is not None:
+        n_beam, n_exh, n_full = (min(n, available) for n in (n_beam, n_exh, n_full))
     return n_beam, n_exh, n_full
 
 
-def bench_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
-    """All methods on one catalog, interleaved chunk by chunk."""
-    t0 = time.perf_counter()
-    cat = build_catalog(num_items, args)
-    logger.info("catalog %d: prepared in %.0fs %s", num_items, time.perf_counter() - t0, cat["prep_seconds"])
-    n_beam, n_exh, n_full = users_for(num_items, args)
+def bench_catalog(cat: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """All methods on one prepared catalog, interleaved chunk by chunk."""
+    num_items = cat["num_items"]
+    n_beam, n_exh, n_full = users_for(num_items, args, cat["available_users"])
     plan: List[tuple] = []  # (method key, method, beam, user rows per chunk)
     for b in args.beams:
         plan.append((f"beam_b{b}", "beam", b, torch.arange(n_beam).split(args.beam_chunk)))
@@ -182,8 +271,11 @@ def bench_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
                 runs[key].append(r)
                 logger.info("  %d items %-10s chunk %d: %d users in %.2fs (%.0f rows/user), load %.1f", num_items, key,
                             i, r["users"], r["seconds"], r["scored"] / r["users"], os.getloadavg()[0])
+    index = cat["index"]
     out: Dict[str, Any] = {"num_items": num_items, "prep_seconds": cat["prep_seconds"],
-                           "collisions": cat["index"].collision_stats().to_dict(), "methods": {}}
+                           "collisions": index.collision_stats().to_dict(),
+                           "sid_shape": {"num_layers": index.num_layers, "num_codes": index.num_codes},
+                           "users": {"beam": n_beam, "exhaustive": n_exh, "full": n_full}, "methods": {}}
     exh_items = torch.cat([r["items"] for r in runs["exhaustive"]])
     n_exh = exh_items.shape[0]
     for key, method, b, _ in plan:
@@ -211,6 +303,14 @@ def bench_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def prepare_and_bench(num_items: Optional[int], args: argparse.Namespace) -> Dict[str, Any]:
+    """Build one catalog (synthetic of ``num_items`` items, or the checkpoint's) and bench it."""
+    t0 = time.perf_counter()
+    cat = build_checkpoint_catalog(args) if args.checkpoint else build_catalog(int(num_items), args)
+    logger.info("catalog %d: prepared in %.0fs %s", cat["num_items"], time.perf_counter() - t0, cat["prep_seconds"])
+    return bench_catalog(cat, args), cat
+
+
 def plot(summary: Dict[str, Any], path: Path) -> None:
     """users/s vs catalog size (log-log) for every beam size, exhaustive leaf search and full ranking."""
     import matplotlib
@@ -230,7 +330,10 @@ def plot(summary: Dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("catalog size |V| (items)")
     ax.set_ylabel("users/s (1 thread)")
-    ax.set_title("DIG retrieval: beam search vs exhaustive vs full ranking (L=4, K=256)")
+    shape = cats[0]["sid_shape"]
+    which = "trained checkpoint" if summary["setup"].get("trained") else "untrained"
+    ax.set_title(f"DIG retrieval: beam vs exhaustive vs full ranking ({which}, L={shape['num_layers']}, "
+                 f"K={shape['num_codes']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -238,9 +341,75 @@ def plot(summary: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _setup(args: argparse.Namespace, details: List[Dict[str, Any]], cat: Dict[str, Any]) -> Dict[str, Any]:
+    """What was measured, for the JSON's ``setup``."""
+    common = {
+        "threads": args.threads, "topn": TOPN, "max_rows_per_scorer_call": args.max_rows,
+        "users_per_catalog": {str(c["num_items"]): c["users"] for c in details},
+        "beam_chunk": args.beam_chunk,
+        "candidates": "include_history (no exclusion)",
+        "fidelity": "mean |beam top-10 ∩ exhaustive-leaf top-10| / 10 over the exhaustive users",
+        "fidelity_users": args.fidelity_users or "exhaustive-row budget (--exhaustive-rows, clamped)",
+        "speedup_limit": "|V| / (user, prefix) pairs beam search scored per user",
+        "interleaving": "per catalog, methods run chunk by chunk in turn; users/s = median over chunks",
+    }
+    if not args.checkpoint:
+        return {
+            "model": "configs/industrial_large.yaml network (d=64, L=4, K=256), untrained, seeded",
+            "trained": False,
+            "catalog": "synthetic items, random features in industrial_large cardinalities",
+            "sids": "balanced k-means tree init on e_v, then Eq. 2-3 assignment + last-layer collision resolution",
+            "users": "random requests (user/context ids, 20 history slots 80% filled)",
+            "full_ranking_u2i": "precomputed per-item table (gather): cheaper than the real U2I function",
+            **common,
+        }
+    bundle = cat["bundle"]
+    mcfg = bundle.cfg.model
+    tcfg = bundle.cfg.tokenizer
+    n_users = int(cat["user_rows"].numel())
+    how = (f"first {n_users} rows in file order" if args.user_sample == "first"
+           else f"seeded subset of {n_users} rows (dig eval's --max-users sampler, seed {args.seed}), file order")
+    return {
+        "model": f"trained DIG checkpoint (d={mcfg.embedding_dim}, L={tcfg.num_layers}, K={tcfg.num_codes}), "
+                 "loaded by retrieval.evaluate.load_inference_bundle as dig eval / dig retrieve",
+        "trained": True,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_resolved": str(bundle.checkpoint),
+        "step": _checkpoint_step(bundle.checkpoint),
+        "data": str(bundle.data_root),
+        "data_override": args.data,
+        "catalog": f"the dataset's items.parquet, all {bundle.items.num_items} items",
+        "item_representations": "bundle.item_representation_all() (Eq. 1 encoder, = model.corpus_item_representations)",
+        "sids": "SidIndex.load_or_build as dig eval: the saved CKPT/sid_index, else the trained tokenizer's "
+                "full_corpus_sids (Eq. 2-3 + collision resolution) of every item",
+        "users": f"{args.split} retrieval targets ({bundle.data_root}/retrieval/{args.split}.parquet, "
+                 f"{cat['available_users']} rows) read by data.reader.load_targets as dig eval: {how}",
+        "user_sample": args.user_sample,
+        "target_user_ids": cat["target_user_ids"].tolist(),
+        "scorers": f"retrieval.evaluate.UserBatchScorers (dig eval's), u2t inference {bundle.cfg.u2t.inference!r}",
+        "full_ranking_u2i": "the real U2I function on each target row's user_state (UserBatchScorers.rank, as "
+                            "dig eval's full-corpus ranking)",
+        "catalogs_arg": "ignored (the catalog is the dataset's)",
+        **common,
+    }
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--catalogs", type=int, nargs="+", default=[10_000, 100_000, 500_000])
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="trained mode: a checkpoint dir (RUN/checkpoints/step-N) or a `dig export` bundle, loaded as "
+                        "`dig eval` loads it; catalog = its dataset's items, users = its retrieval targets")
+    p.add_argument("--data", default=None, metavar="DIR", help="with --checkpoint: dataset root overriding data.path")
+    p.add_argument("--split", default="test", choices=["test", "valid"],
+                   help="with --checkpoint: whose retrieval targets are the users")
+    p.add_argument("--user-sample", default="first", choices=["first", "seeded"],
+                   help="with --checkpoint: the first N target rows in file order, or dig eval's seeded subset")
+    p.add_argument("--fidelity-users", type=int, default=None,
+                   help="exhaustive (= fidelity) users per catalog, replacing the --exhaustive-rows budget "
+                        "(default: 16 with --checkpoint, the budget otherwise)")
+    p.add_argument("--catalogs", type=int, nargs="+", default=None,
+                   help="synthetic catalog sizes (default: 10000 100000 500000); ignored with --checkpoint "
+                        "(the catalog is the dataset's item table)")
     p.add_argument("--beams", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--beam-users", type=int, default=4, help="users served by beam search per catalog")
     p.add_argument("--beam-chunk", type=int, default=1, help="users per beam-search call")
@@ -250,20 +419,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--full-rows", type=int, default=200_000, help="row budget of full-corpus ranking per catalog")
     p.add_argument("--max-users", type=int, default=8, help="most users per method and catalog")
     p.add_argument("--max-rows", type=int, default=16384, help="largest scorer call (rows)")
-    p.add_argument("--kmeans-iters", type=int, default=10)
-    p.add_argument("--user-table-rows", type=int, default=100_000, help="rows of the user_id table (no effect on cost)")
+    p.add_argument("--kmeans-iters", type=int, default=10, help="synthetic mode only")
+    p.add_argument("--user-table-rows", type=int, default=100_000,
+                   help="rows of the user_id table (no effect on cost; synthetic mode only)")
     p.add_argument("--batch-size", type=int, default=2048, help="unused by inference; kept for the config")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS_DIR / "beam_search.json"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    if args.fidelity_users is None and args.checkpoint:
+        args.fidelity_users = 16
+    if args.fidelity_users is not None and args.fidelity_users < 1:
+        p.error(f"--fidelity-users must be >= 1, got {args.fidelity_users}")
+    if args.data and not args.checkpoint:
+        p.error("--data needs --checkpoint")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("dig_torchrec").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     machine = machine_info()
     t0 = time.perf_counter()
-    details = [bench_catalog(n, args) for n in args.catalogs]
+    if args.checkpoint:
+        if args.catalogs is not None:
+            logger.warning("--catalogs is ignored with --checkpoint: the catalog is the dataset's item table")
+        detail, cat = prepare_and_bench(None, args)
+        details = [detail]
+    else:
+        details, cat = [], {}
+        for n in args.catalogs or [10_000, 100_000, 500_000]:
+            detail, cat = prepare_and_bench(n, args)
+            details.append(detail)
+            cat = {}  # free the model / catalog before the next size
 
     def at(n: int, key: str, field: str) -> float:
         for c in details:
@@ -271,7 +457,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return c["methods"][key].get(field, float("nan"))
         return float("nan")
 
-    big = max(args.catalogs)
+    big = max(c["num_items"] for c in details)
     tag = f"{big // 1000}k" if big % 1000 == 0 else str(big)  # 500000 -> "500k"
     summary: Dict[str, Any] = {
         f"speedup_vs_full_ranking_{tag}": at(big, "beam_b64", "speedup_vs_full_ranking"),
@@ -288,20 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for c in details for k, m in c["methods"].items()
         ],
         "details": details,
-        "setup": {
-            "model": "configs/industrial_large.yaml network (d=64, L=4, K=256), untrained, seeded",
-            "catalog": "synthetic items, random features in industrial_large cardinalities",
-            "sids": "balanced k-means tree init on e_v, then Eq. 2-3 assignment + last-layer collision resolution",
-            "users": "random requests (user/context ids, 20 history slots 80% filled)",
-            "threads": args.threads, "topn": TOPN, "max_rows_per_scorer_call": args.max_rows,
-            "users_per_catalog": {str(n): dict(zip(("beam", "exhaustive", "full"), users_for(n, args)))
-                                  for n in args.catalogs},
-            "beam_chunk": args.beam_chunk,
-            "fidelity": "mean |beam top-10 ∩ exhaustive-leaf top-10| / 10 over the exhaustive users",
-            "speedup_limit": "|V| / (user, prefix) pairs beam search scored per user",
-            "full_ranking_u2i": "precomputed per-item table (gather): cheaper than the real U2I function",
-            "interleaving": "per catalog, methods run chunk by chunk in turn; users/s = median over chunks",
-        },
+        "setup": _setup(args, details, cat),
         "machine": machine,
         "loadavg_end": list(os.getloadavg()),
         "seconds": time.perf_counter() - t0,
