@@ -84,16 +84,41 @@ def train(config: Path, data: Path, run_dir: Path, nproc: int, extra: List[str])
     return read_final_metrics(run_dir)
 
 
+def _eval_inputs(checkpoint: Path, max_users: int) -> Dict[str, Any]:
+    """What an evaluation result depends on: the checkpoint (path and the time its COMPLETE
+    marker was written, so a re-trained step dir does not match) and the user budget."""
+    marker = checkpoint / "COMPLETE"
+    return {"checkpoint": str(checkpoint.resolve()), "max_users": max_users,
+            "complete_mtime_ns": marker.stat().st_mtime_ns if marker.exists() else None}
+
+
 def evaluate(checkpoint: Path, out: Path, max_users: int) -> Optional[Dict[str, Any]]:
-    """``dig eval`` metrics, or None when the retrieval layer is not installed."""
+    """``dig eval`` metrics, or None when the retrieval layer is not installed.
+
+    A rerun of the demo on a finished run reuses ``out`` when it was made from the same
+    checkpoint and user budget (recorded beside it in ``<out>.inputs.json``), so the second
+    ``make demo`` does not spend minutes re-evaluating an unchanged model.
+    """
     if importlib.util.find_spec("dig_torchrec.retrieval.cli") is None:
         logger.info("dig eval is not available: reporting the trainer's validation metrics")
         return None
+    inputs = _eval_inputs(checkpoint, max_users)
+    stamp = out.with_name(out.name + ".inputs.json")
+    try:
+        if json.loads(stamp.read_text()) == inputs:
+            cached = json.loads(out.read_text())
+            logger.info("reusing %s (same checkpoint and --eval-users; delete it to re-evaluate)", out)
+            return cached
+    except (OSError, ValueError):
+        pass
+    stamp.unlink(missing_ok=True)
     cmd = [_bin("dig"), "eval", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"]
     if max_users > 0:
         cmd += ["--max-users", str(max_users)]
     _run(cmd, "evaluate")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    stamp.write_text(json.dumps(inputs))
+    return result
 
 
 def export(checkpoint: Path, out: Path) -> Optional[Path]:
