@@ -127,6 +127,13 @@ def assign_slots(groups: Sequence[RowGroup], num_slots: int) -> List[List[RowGro
     return [sorted(s, key=lambda g: g.order) for s in slots]
 
 
+def positive_slots_for(clicks: int, rows: int, batch_size: int) -> int:
+    """The auto rule on integers: ``ceil(2 * clicks / rows * batch_size)`` in [1, batch_size]
+    (``batch_size // 2`` when ``rows`` is 0). Exact integer arithmetic, the same on every rank."""
+    slots = -(-2 * clicks * batch_size // rows) if rows else batch_size // 2
+    return min(max(slots, 1), batch_size)
+
+
 def auto_positive_slots(root: Path, items: ItemTable, batch_size: int,
                         train_groups: Optional[Sequence[RowGroup]] = None) -> int:
     """``data.retrieval_positives = 0`` (auto): ``ceil(2 * p_train * batch_size)`` in [1, batch_size].
@@ -152,8 +159,7 @@ def auto_positive_slots(root: Path, items: ItemTable, batch_size: int,
         train_groups = list_row_groups(root / "train")
     rows = sum(g.num_rows for g in train_groups)
     clicks = int(round(float(items.popularity.double().sum())))
-    slots = -(-2 * clicks * batch_size // rows) if rows else batch_size // 2
-    slots = min(max(slots, 1), batch_size)
+    slots = positive_slots_for(clicks, rows, batch_size)
     logger.info("retrieval positives per batch (auto): %d (train click rate %d/%d, batch %d)",
                 slots, clicks, rows, batch_size)
     return slots
