@@ -75,6 +75,7 @@ from dig_torchrec.data.items import ItemTable  # noqa: E402
 from dig_torchrec.data.schema import FeatureSchema  # noqa: E402
 from dig_torchrec.model import DIGModel  # noqa: E402
 from dig_torchrec.retrieval.beam_search import (  # noqa: E402
+    ancestor_ranks,
     beam_search,
     exhaustive_leaf_search,
     leaves_to_items,
@@ -216,6 +217,7 @@ def run_method(cat: Dict[str, Any], method: str, rows: torch.Tensor, beam: int, 
         t0 = time.perf_counter()
         recall, rank = cat["make_scorers"](rows)  # user-side work once per batch
         U = int(rows.numel())
+        leaf_codes = None
         if method == "beam":
             res = beam_search(recall, U, index, beam, max_rows=max_rows)
             items, _ = leaves_to_items(res, index, TOPN, max_rows=max_rows)
@@ -223,14 +225,37 @@ def run_method(cat: Dict[str, Any], method: str, rows: torch.Tensor, beam: int, 
         elif method == "exhaustive":
             res = exhaustive_leaf_search(recall, U, index, TOPN, max_rows=max_rows)
             items, _ = leaves_to_items(res, index, TOPN, max_rows=max_rows)
-            scored = res.num_scored
+            scored, leaf_codes = res.num_scored, res.codes
         elif method == "full":
             items, _ = rank_all_items(rank, U, index.num_items, TOPN, max_rows=max_rows)
             scored = U * index.num_items
         else:
             raise ValueError(method)
         seconds = time.perf_counter() - t0
-    return {"items": items, "seconds": seconds, "scored": scored, "users": U}
+    return {"items": items, "seconds": seconds, "scored": scored, "users": U, "leaf_codes": leaf_codes}
+
+
+def ancestor_rank_summary(cat: Dict[str, Any], exh_codes: torch.Tensor, args: argparse.Namespace) -> Dict[str, Any]:
+    """For the first ``--ancestor-ranks`` exhaustive users: the rank of each exhaustive top-10
+    leaf's depth-l ancestor among all occupied depth-l prefixes (``retrieval.beam_search.
+    ancestor_ranks``), and per beam size the share of those ancestors inside the top B."""
+    n = min(args.ancestor_ranks, exh_codes.shape[0])
+    per_user = []
+    with torch.no_grad():
+        for u in range(n):
+            recall, _ = cat["make_scorers"](torch.tensor([u]))
+            per_user.append(ancestor_ranks(recall, cat["index"], exh_codes[u], args.max_rows))
+    depths = len(per_user[0]) if per_user else 0
+    summary: Dict[str, Any] = {"users": n, "per_user": per_user, "by_depth": []}
+    for d in range(depths):
+        ranks = sorted(r for user in per_user for r in user[d])
+        summary["by_depth"].append({
+            "depth": d + 1, "median_rank": ranks[len(ranks) // 2] if ranks else None,
+            "share_within_top_b": {str(b): sum(r < b for r in ranks) / len(ranks) for b in args.beams} if ranks else {},
+        })
+    logger.info("ancestor ranks of the exhaustive top-%d leaves: %s", TOPN,
+                [(x["depth"], x["median_rank"], x["share_within_top_b"]) for x in summary["by_depth"]])
+    return summary
 
 
 def users_for(num_items: int, args: argparse.Namespace, available: Optional[int] = None) -> tuple:
@@ -297,6 +322,9 @@ def bench_catalog(cat: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
             rec["fidelity_users"] = m
             rec["speedup_limit"] = num_items / rec["scored_pairs_per_user"]
         out["methods"][key] = rec
+    if args.ancestor_ranks:  # untimed diagnostic: where beam search loses the exhaustive top leaves
+        out["ancestor_ranks"] = ancestor_rank_summary(cat, torch.cat([r["leaf_codes"] for r in runs["exhaustive"]]),
+                                                      args)
     full = out["methods"]["full"]["users_per_s"]
     for key, rec in out["methods"].items():
         rec["speedup_vs_full_ranking"] = rec["users_per_s"] / full
@@ -404,6 +432,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="with --checkpoint: whose retrieval targets are the users")
     p.add_argument("--user-sample", default="first", choices=["first", "seeded"],
                    help="with --checkpoint: the first N target rows in file order, or dig eval's seeded subset")
+    p.add_argument("--ancestor-ranks", type=int, default=0,
+                   help="after the timed runs, for this many fidelity users: rank of each exhaustive top-10 leaf's "
+                        "ancestor among all prefixes of each depth (why beam search misses it; untimed, costs about "
+                        "one exhaustive search per user)")
     p.add_argument("--fidelity-users", type=int, default=None,
                    help="exhaustive (= fidelity) users per catalog, replacing the --exhaustive-rows budget "
                         "(default: 16 with --checkpoint, the budget otherwise)")

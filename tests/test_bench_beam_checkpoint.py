@@ -66,7 +66,8 @@ def test_checkpoint_mode_uses_the_real_catalog_and_requests(trained_checkpoint: 
     out = tmp_path / "bs.json"
     # --catalogs is ignored in checkpoint mode; B = V is an unbounded beam
     assert main(["--checkpoint", str(trained_checkpoint), "--catalogs", "999", "--beams", "16", "64", str(V),
-                 "--beam-users", "2", "--max-users", "2", "--fidelity-users", "6", "--out", str(out)]) == 0
+                 "--beam-users", "2", "--max-users", "2", "--fidelity-users", "6", "--ancestor-ranks", "2",
+                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     tag = f"{V // 1000}k" if V % 1000 == 0 else str(V)
     [detail] = res["details"]
@@ -79,6 +80,13 @@ def test_checkpoint_mode_uses_the_real_catalog_and_requests(trained_checkpoint: 
     # beam search with B >= |V| is exhaustive: identical top-10 for every fidelity user
     assert m[f"beam_b{V}"]["fidelity_top10"] == 1.0 and m[f"beam_b{V}"]["fidelity_users"] == 6
     assert m["beam_b16"]["fidelity_users"] == 6  # the requested fidelity set, not the row budget's 2+
+    # the ancestor-rank diagnostic: every exhaustive top-10 leaf's ancestor at each depth < L, all
+    # inside the top B when B covers every prefix
+    anc = detail["ancestor_ranks"]
+    L = detail["sid_shape"]["num_layers"]
+    assert anc["users"] == 2 and len(anc["per_user"]) == 2 and len(anc["by_depth"]) == L - 1
+    assert all(len(depth) == 10 for user in anc["per_user"] for depth in user)
+    assert all(x["share_within_top_b"][str(V)] == 1.0 for x in anc["by_depth"])
     assert m["exhaustive"]["users"] == 6 and m["full"]["users"] == 2
     assert m["exhaustive"]["scored_pairs_per_user"] == detail["collisions"]["occupied_leaves"]
     assert m["full"]["scored_pairs_per_user"] == V

@@ -15,6 +15,7 @@ import torch
 
 from dig_torchrec.errors import CheckpointError
 from dig_torchrec.retrieval.beam_search import (
+    ancestor_ranks,
     beam_search,
     exhaustive_leaf_search,
     leaves_to_items,
@@ -231,3 +232,23 @@ def test_beam_recovers_planted_argmax():
     res = beam_search(score, U, index, beam_size=1)
     best = pref.argmax(-1)  # [U, L]
     assert torch.equal(res.codes[:, 0], encode_prefix(best, K))
+
+
+def test_ancestor_ranks_match_a_brute_force_ranking_and_explain_beam_misses():
+    K, L, B = 6, 3, 4
+    index = SidIndex(_random_sids(150, K, L, seed=3), K)
+    fake = FakeRecallPath(1, K, L, seed=5)
+    exh = exhaustive_leaf_search(fake, 1, index, 20)
+    leaves = exh.codes[0]
+    ranks = ancestor_ranks(fake, index, leaves, max_rows=7)
+    assert len(ranks) == L - 1
+    for depth, got in enumerate(ranks, start=1):
+        valid = index.valid_codes(depth)
+        scores = fake(torch.zeros(valid.numel(), dtype=torch.long), decode_prefix(valid, depth, K)).tolist()
+        ranked = sorted(zip(scores, valid.tolist()), key=lambda t: (-t[0], t[1]))  # beam's tie-break
+        rank_of = {code: r for r, (_, code) in enumerate(ranked)}
+        assert got == [rank_of[int(c) // K ** (L - depth)] for c in leaves]
+    # a leaf whose depth-1 ancestor ranks >= B among all first tokens cannot survive beam search
+    found = set(beam_search(fake, 1, index, B).codes[0].tolist())
+    lost = [int(c) for c, r in zip(leaves, ranks[0]) if r >= B]
+    assert lost and not found.intersection(lost)

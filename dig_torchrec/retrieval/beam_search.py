@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -194,6 +194,38 @@ def exhaustive_leaf_search(
 
 
 # ---------------------------------------------------------------------- leaves -> items
+def ancestor_ranks(score_fn: PrefixScoreFn, index: SidIndex, leaf_codes: torch.Tensor, max_rows: int = 65536
+                   ) -> List[List[int]]:
+    """Why beam search misses a leaf: the rank (0 = best) of each leaf's depth-``l`` ancestor
+    among ALL occupied depth-``l`` prefixes, by the depth-``l`` recall logit, for l = 1..L-1.
+
+    Beam search with beam B keeps a leaf reachable only while its ancestor stays in the top
+    B at every depth (a rank >= B at depth 1 loses it for certain). Costs one scorer call
+    per occupied prefix of depths 1..L-1 (at 500K items about as much as exhaustive search).
+
+    Args:
+        score_fn: recall-path scorer of ONE user (user index 0).
+        index: the SID index.
+        leaf_codes: ``[n]`` leaf codes (e.g. the exhaustive top-10; -1 entries are skipped).
+
+    Returns:
+        ``[L-1][n']`` ranks per depth, in the order of the valid ``leaf_codes``.
+    """
+    K, L = index.num_codes, index.num_layers
+    leaves = leaf_codes[leaf_codes >= 0].to(index.leaf_codes.device)
+    out: List[List[int]] = []
+    for depth in range(1, L):
+        valid = index.valid_codes(depth)
+        logits = _score_chunked(score_fn, torch.zeros(valid.numel(), dtype=torch.long, device=valid.device),
+                                decode_prefix(valid, depth, K), max_rows)
+        order = topk_deterministic(logits.unsqueeze(0), valid.unsqueeze(0), valid.numel())[0][0]  # beam's tie-break
+        rank_of_code = torch.empty(valid.numel(), dtype=torch.long)
+        rank_of_code[torch.searchsorted(valid, order)] = torch.arange(valid.numel())
+        ancestors = leaves // (K ** (L - depth))
+        out.append(rank_of_code[torch.searchsorted(valid, ancestors)].tolist())
+    return out
+
+
 def _exclusion_mask(user: torch.Tensor, item: torch.Tensor, exclude: Optional[torch.Tensor], num_items: int) -> torch.Tensor:
     """True where (user[n], item[n]) is listed in ``exclude [U, H]`` (-1 padded)."""
     if exclude is None or exclude.numel() == 0:
