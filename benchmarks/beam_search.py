@@ -150,19 +150,12 @@ def build_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _checkpoint_step(path: Path) -> Optional[int]:
-    """Training step of a checkpoint (``train_state.json``) or export bundle (``manifest.json``)."""
-    import json
+    """Training step of an export bundle (its manifest) or a checkpoint (its train state)."""
+    from dig_torchrec.export import is_bundle, read_manifest
+    from dig_torchrec.training.checkpoint import read_train_state
 
-    for name in ("train_state.json", "manifest.json"):
-        f = Path(path) / name
-        if f.is_file():
-            try:
-                step = json.loads(f.read_text()).get("step")
-            except (OSError, ValueError):
-                continue
-            if step is not None:
-                return int(step)
-    return None
+    step = read_manifest(path).get("step") if is_bundle(path) else read_train_state(path).get("step")
+    return None if step is None else int(step)
 
 
 def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
@@ -170,8 +163,7 @@ def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
     ``dig eval`` loads them) and the split's real retrieval requests as users."""
     from dig_torchrec.data.reader import load_targets
     from dig_torchrec.retrieval.evaluate import UserBatchScorers
-    from dig_torchrec.retrieval.evaluate import _select_users as eval_user_subset
-    from dig_torchrec.retrieval.evaluate import kjt_select_rows, load_inference_bundle
+    from dig_torchrec.retrieval.evaluate import kjt_select_rows, load_inference_bundle, select_users
 
     overrides = [f"data.path={args.data}"] if args.data else []
     t0 = time.perf_counter()
@@ -189,7 +181,7 @@ def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
     if args.user_sample == "first":
         user_rows = torch.arange(n_users)
     else:  # the seeded subset `dig eval --max-users N` takes
-        user_rows = eval_user_subset(available, n_users, seed=args.seed)
+        user_rows = select_users(available, n_users, seed=args.seed)
     u2t = bundle.cfg.u2t.inference
 
     def make_scorers(rows: torch.Tensor) -> tuple:

@@ -36,6 +36,17 @@ def _parquet_tuples(root: Path, split: str) -> collections.Counter:
     return collections.Counter(zip(*[c.tolist() for c in cols], lab.tolist(), map(tuple, u2i.tolist())))
 
 
+def _assert_same_batches(got, want) -> None:
+    """Bit-identical batches in the same order (KJT, u2i, labels, weights, retrieval rows)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
+        assert torch.equal(a.u2i, b.u2i) and torch.equal(a.retrieval_u2i, b.retrieval_u2i)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.weights, b.weights)
+        assert torch.equal(a.retrieval_weights, b.retrieval_weights)
+
+
 @pytest.mark.parametrize("world_size,num_workers,positives", [(1, 0, 16), (2, 0, 16), (3, 0, 16), (2, 2, 16),
                                                               (2, 0, 0), (1, 0, 2)])
 def test_rank_and_worker_splits_cover_every_row_exactly_once(tiny_dataset, tiny_data_config, tiny_meta_schema,
@@ -157,12 +168,7 @@ def test_resume_continues_at_the_exact_row(tiny_dataset, tiny_data_config, tiny_
     resumed = ExposureReader(tiny_dataset, "train", cfg, schema)
     resumed.load_state_dict(state)
     tail = list(resumed)
-    assert len(head) + len(tail) == len(full)
-    for a, b in zip(head + tail, full):
-        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
-        assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
-        assert torch.equal(a.u2i, b.u2i) and torch.equal(a.retrieval_u2i, b.retrieval_u2i)
-        assert torch.equal(a.weights, b.weights) and torch.equal(a.retrieval_weights, b.retrieval_weights)
+    _assert_same_batches(head + tail, full)
     assert resumed.rows_consumed == resumed.rows
 
 
@@ -433,21 +439,11 @@ def test_batches_do_not_depend_on_reader_threads(tiny_dataset, tiny_data_config,
     ref = batches(1)
     assert len(ref) > 4
     for threads in (2, 3):
-        got = batches(threads)
-        assert len(got) == len(ref)
-        for a, b in zip(got, ref):
-            assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
-            assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
-            assert torch.equal(a.u2i, b.u2i) and torch.equal(a.retrieval_u2i, b.retrieval_u2i)
-            assert torch.equal(a.labels, b.labels) and torch.equal(a.retrieval_weights, b.retrieval_weights)
+        _assert_same_batches(batches(threads), ref)
     r = ExposureReader(tiny_dataset, "train", dataclasses.replace(cfg, reader_threads=3), schema, epoch=1)
     it = iter(r)
     for _ in range(3):
         next(it)
     state = r.state_dict()
     del it
-    tail = batches(3, state)
-    assert len(tail) == len(ref) - 3
-    for a, b in zip(tail, ref[3:]):
-        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
-        assert torch.equal(a.retrieval_u2i, b.retrieval_u2i)
+    _assert_same_batches(batches(3, state), ref[3:])

@@ -193,7 +193,6 @@ def exhaustive_leaf_search(
     return BeamResult(codes, scores, num_users * M)
 
 
-# ---------------------------------------------------------------------- leaves -> items
 def ancestor_ranks(score_fn: PrefixScoreFn, index: SidIndex, leaf_codes: torch.Tensor, max_rows: int = 65536
                    ) -> List[List[int]]:
     """Why beam search misses a leaf: the rank (0 = best) of each leaf's depth-``l`` ancestor
@@ -219,13 +218,14 @@ def ancestor_ranks(score_fn: PrefixScoreFn, index: SidIndex, leaf_codes: torch.T
         logits = _score_chunked(score_fn, torch.zeros(valid.numel(), dtype=torch.long, device=valid.device),
                                 decode_prefix(valid, depth, K), max_rows)
         order = topk_deterministic(logits.unsqueeze(0), valid.unsqueeze(0), valid.numel())[0][0]  # beam's tie-break
-        rank_of_code = torch.empty(valid.numel(), dtype=torch.long)
-        rank_of_code[torch.searchsorted(valid, order)] = torch.arange(valid.numel())
+        rank_of_code = torch.empty(valid.numel(), dtype=torch.long, device=valid.device)
+        rank_of_code[torch.searchsorted(valid, order)] = torch.arange(valid.numel(), device=valid.device)
         ancestors = leaves // (K ** (L - depth))
         out.append(rank_of_code[torch.searchsorted(valid, ancestors)].tolist())
     return out
 
 
+# ---------------------------------------------------------------------- leaves -> items
 def _exclusion_mask(user: torch.Tensor, item: torch.Tensor, exclude: Optional[torch.Tensor], num_items: int) -> torch.Tensor:
     """True where (user[n], item[n]) is listed in ``exclude [U, H]`` (-1 padded)."""
     if exclude is None or exclude.numel() == 0:

@@ -417,7 +417,8 @@ def exposure_aucs(bundle: InferenceBundle, split: str, max_batches: int = 0, pro
 
 
 # ---------------------------------------------------------------------- the full evaluation
-def _select_users(num: int, max_users: int, seed: int = 0) -> torch.Tensor:
+def select_users(num: int, max_users: int, seed: int = 0) -> torch.Tensor:
+    """Sorted rows of the seeded subset of ``max_users`` of ``num`` targets (all when 0 or >= num)."""
     if not max_users or max_users >= num:
         return torch.arange(num)
     g = torch.Generator().manual_seed(seed)
@@ -454,7 +455,7 @@ def evaluate(
         raise DataError(f"split must be 'test' or 'valid', got {split!r}")
     excl = cfg.eval.exclude_history if exclude_history is None else exclude_history
     targets = load_targets(bundle.data_root, split, bundle.schema)
-    rows = _select_users(int(targets.target_item.numel()), cfg.eval.max_users if max_users is None else max_users)
+    rows = select_users(int(targets.target_item.numel()), cfg.eval.max_users if max_users is None else max_users)
     ks = sorted(set(cfg.eval.topk))
     n = max(ks)
     modes = ["beam", "unified", "exhaustive", "popularity"] + (["full"] if full_ranking else [])
