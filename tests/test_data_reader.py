@@ -347,9 +347,10 @@ def test_decoding_straight_into_emission_order_equals_decode_then_permute(tiny_d
 
 
 @pytest.mark.parametrize("null_history", [False, True])
-def test_window_history_pack_and_blocks_equal_the_dense_history(tiny_dataset, tiny_meta_schema, null_history):
-    """``_History`` (the window's packed hist ids, dense blocks on demand, cursor offsets and
-    lengths) == the dense ``[H, n]`` -1 padded block, also for concatenated + permuted parts."""
+def test_window_history_in_emission_order_equals_the_dense_history(tiny_dataset, tiny_meta_schema, null_history):
+    """A shuffled window's ``_History`` (each row's kept ids as one run, rows in emission
+    order) == the dense ``[H, n]`` -1 padded block, also for concatenated + permuted parts
+    and for the row ranges of a batch that straddles windows."""
     import pyarrow as pa
 
     from dig_torchrec.data.reader import RowDecoder, _History, list_row_groups
@@ -372,56 +373,83 @@ def test_window_history_pack_and_blocks_equal_the_dense_history(tiny_dataset, ti
     assert np.array_equal(hist.block(17, 90), dense[:, 17:90])
     rows = rng.integers(0, n, 50)
     assert np.array_equal(hist.rows(rows), dense[:, rows])
+    # only the H kept ids of each row, one run per row, rows in emission order
     mask = dense >= 0
-    assert np.array_equal(hist.values, dense[mask])  # key-major, rows in emission order
-    per_key = mask.sum(1)
-    assert np.array_equal(hist.key_start, np.concatenate([[0], np.cumsum(per_key)[:-1]]))
-    lengths = np.empty((H, 60), dtype=np.int32)
-    hist.lengths_into(lengths, 40, 100)
-    assert np.array_equal(lengths, mask[:, 40:100].astype(np.int32))
-    # cursor: sequential batches continue from the previous end; a jump recounts
-    for a, b in [(0, 64), (64, 128), (128, 200), (10, 20), (300, n), (64, 128)]:
-        counts = hist.key_counts(a, b)
-        assert np.array_equal(counts, mask[:, a:b].sum(1))
-        start = hist.starts(a)
-        assert np.array_equal(start, hist.key_start + mask[:, :a].sum(1))
-        hist.advance(a, b, counts)
-        for j in range(H):
-            assert np.array_equal(hist.values[start[j]:start[j] + counts[j]], dense[j, a:b][mask[j, a:b]])
+    assert np.array_equal(hist.num, mask.sum(0)) and hist.vals.size == mask.sum()
+    assert np.array_equal(hist.last, np.cumsum(hist.num) - 1)
     # a multi-row-group window: parts concatenated then permuted
     h1, h2 = dec.decode_window(t.slice(0, 150), g)[3], dec.decode_window(t.slice(150), g)[3]
     perm2 = rng.permutation(n)
     cat = _History.concat([h1, h2], perm2)
     full = dec.decode_window(t, g)[3]
     assert np.array_equal(cat.block(0, n), np.take(full.block(0, n), perm2, axis=1))
-    ref = np.take(full.block(0, n), perm2, axis=1)
-    assert np.array_equal(cat.values, ref[ref >= 0])
+    # the rows of a batch straddling two windows
+    part = _History.of_ranges([(hist, n - 30, n), (cat, 0, 20)])
+    assert np.array_equal(part.block(0, 50), np.concatenate([dense[:, n - 30:], cat.block(0, 20)], axis=1))
+
+
+def _kjt_of_rows(schema, sparse_t, item, hist_t, item_features, B, slot_rows, slot_items):
+    """Reference KJT (make_kjt) of B exposure rows (rows past ``item.size`` copy row 0) then
+    each slot's click row repeated over its 1 + K items, from dense per-row columns."""
+    from dig_torchrec.data.batch import make_kjt
+
+    n = item.size
+    src = np.concatenate([np.arange(n), np.zeros(B - n, dtype=np.int64),
+                          np.repeat(slot_rows, slot_items.shape[1])]).astype(np.int64)
+    items = np.concatenate([item[src[:B]], slot_items.reshape(-1)])
+    cols = [sparse_t[u, src] for u in range(sparse_t.shape[0])]
+    cols += [item_features[items, f] for f in range(item_features.shape[1])]
+    values = [torch.from_numpy(c.copy()) for c in cols]
+    lengths = [torch.ones(src.size, dtype=torch.int32) for _ in cols]
+    for j in range(hist_t.shape[0]):
+        h = hist_t[j, src]
+        values.append(torch.from_numpy(h[h >= 0].copy()))
+        lengths.append(torch.from_numpy((h >= 0).astype(np.int32)))
+    return make_kjt(schema.keys, values, lengths)
 
 
 @pytest.mark.parametrize("positives", [0, 7, 64])
-def test_kjt_from_the_window_pack_equals_the_dense_reference_path(tiny_dataset, tiny_data_config, tiny_meta_schema,
-                                                                  positives):
-    """A full batch's KJT built from the window's packed history ids (the hot path) is
-    identical to the one built by masking the dense history block (the path of batches that
-    straddle windows), with and without retrieval slots, for in-order and out-of-order batches."""
+def test_batch_kjt_equals_a_reference_built_from_dense_rows(tiny_dataset, tiny_data_config, tiny_meta_schema,
+                                                            positives):
+    """The KJT of a batch (compiled, straight from the window) == make_kjt over the dense
+    rows: full batches at any offset, a short last batch (padding rows) and a batch that
+    straddles two windows, with and without retrieval slots."""
     _, schema = tiny_meta_schema
     cfg = dataclasses.replace(tiny_data_config, retrieval_positives=max(positives, 1))
     reader = ExposureReader(tiny_dataset, "train", cfg, schema)
     windows, rngs = reader._slot_order(0, 0)
     win = reader._load_window(windows[0], rngs[0])
+    win2 = reader._load_window(windows[1], rngs[1])
     B, K = reader.batch_size, reader.negatives
     assert win.num_rows >= 4 * B
     rng = np.random.default_rng(positives)
-    for a in [0, B, 2 * B, 7, B, 3 * B]:
-        b = a + B
-        slot_rows = np.sort(rng.choice(B, positives, replace=False)) if positives else np.zeros(0, dtype=np.int64)
-        slot_items = rng.integers(0, reader.items.num_items, (positives, 1 + K))
-        args = (win.sparse_t[:, a:b], win.item[a:b])
-        fast = reader._kjt(args[0], None, args[1], slot_rows, slot_items, (win.hist, a, b))
-        ref = reader._kjt(args[0], win.hist.block(a, b), args[1], slot_rows, slot_items)
-        assert torch.equal(fast.values(), ref.values()) and torch.equal(fast.lengths(), ref.lengths())
-        assert fast.length_per_key() == ref.length_per_key() and fast.offset_per_key() == ref.offset_per_key()
-        assert fast.keys() == ref.keys() and fast.stride() == ref.stride()
+    feats = reader._item_features
+    cases = [([(win, a, a + B)]) for a in (0, B, 7, 3 * B)] + [[(win, 5, 5 + B // 3)]]
+    cases.append([(win, win.num_rows - B // 2, win.num_rows), (win2, 0, B - B // 2)])  # straddles
+    for parts in cases:
+        n = sum(b - a for _, a, b in parts)
+        slot_rows = np.sort(rng.choice(n, min(positives, n), replace=False)).astype(np.int64) if positives \
+            else np.zeros(0, dtype=np.int64)
+        slot_items = rng.integers(0, reader.items.num_items, (slot_rows.size, 1 + K))
+        sparse_t = np.concatenate([w.sparse_t[:, a:b] for w, a, b in parts], axis=1)
+        item = np.concatenate([w.item[a:b] for w, a, b in parts])
+        hist_t = np.concatenate([w.hist.block(a, b) for w, a, b in parts], axis=1)
+        ref = _kjt_of_rows(schema, sparse_t, item, hist_t, feats, B, slot_rows, slot_items)
+        if len(parts) == 1:
+            w, a, _ = parts[0]
+            got = reader._kjt(w.sparse_t, w.item, w.hist, a, n, slot_rows, slot_items)
+        else:
+            from dig_torchrec.data.reader import _History
+            got = reader._kjt(sparse_t, item, _History.of_ranges([(w.hist, a, b) for w, a, b in parts]), 0, n,
+                              slot_rows, slot_items)
+        assert torch.equal(got.values(), ref.values()) and torch.equal(got.lengths(), ref.lengths())
+        assert got.length_per_key() == ref.length_per_key() and got.offset_per_key() == ref.offset_per_key()
+        assert got.keys() == ref.keys() and got.stride() == ref.stride()
+    # the batch a reader yields across the window boundary is built the same way
+    straddle = reader._make_batch(cases[-1], reader._batch_generator(0, 0, 99))
+    assert straddle.sparse_features.stride() == B + reader.retrieval_size
+    assert torch.equal(straddle.sparse_features["user_id"].values()[:B],
+                       torch.from_numpy(np.concatenate([w.sparse_t[0, a:b] for w, a, b in cases[-1]])))
 
 
 def test_batches_do_not_depend_on_reader_threads(tiny_dataset, tiny_data_config, tiny_meta_schema):

@@ -76,6 +76,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dig_torchrec.config import DataConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
+from dig_torchrec.data import kernels
 from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.schema import (HISTORY, ITEM_ID, LABEL, U2I, USER_STATE, DatasetMeta,
                                       FeatureSchema)
@@ -213,11 +214,9 @@ class _History:
     plus, per row, the position of its most recent click and its length: hist_j of row r is
     ``vals[last[r] - j]`` if ``j < num[r]`` else -1.
 
-    Holds the KJT form of every key built once (``values``: the present ids of hist_0, then
-    hist_1, ..., rows in emission order; ``key_start``): a batch of consecutive window rows
-    copies one slice per key (:meth:`ExposureReader._hist_fast`) instead of masking a dense
-    ``[H, rows]`` block; dense blocks (:meth:`block`, :meth:`rows`) are built on demand only
-    for the few batches that straddle windows and for retrieval slots.
+    Batches read it directly (:func:`kernels.batch_kjt` gathers each row's ids per key), so
+    nothing is packed per window; dense ``[H, rows]`` blocks (:meth:`block`, :meth:`rows`)
+    serve the retrieval targets and the tests.
 
     Args:
         vals: int64 list values (checked ids) of the history column.
@@ -227,25 +226,10 @@ class _History:
     """
 
     def __init__(self, vals: np.ndarray, last: np.ndarray, lens: np.ndarray, H: int) -> None:
-        self.vals, self.last, self.H = vals, last, H
-        self.num = np.minimum(lens, H)  # hist keys present per row
-        self.values = np.empty(int(self.num.sum()) if vals.size else 0, dtype=np.int64)
-        self.key_start = np.zeros(H, dtype=np.int64)
-        if vals.size:
-            lr, nr, pos = last, self.num, 0  # most recent click and length of the rows having hist_j
-            for j in range(H):  # per key, one gather of the rows that have it (a shrinking subset)
-                keep = nr > j
-                if not keep.all():
-                    lr, nr = lr[keep], nr[keep]
-                self.key_start[j] = pos
-                if lr.size:
-                    # mode="clip": the indices are valid, and take(out=) with the default
-                    # mode="raise" buffers the output (3x slower for random gathers)
-                    np.take(vals, lr - j, out=self.values[pos:pos + lr.size], mode="clip")
-                    pos += lr.size
+        self.vals, self.H = np.ascontiguousarray(vals, dtype=np.int64), H
+        self.last = np.ascontiguousarray(last, dtype=np.int64)
+        self.num = np.minimum(lens, H).astype(np.int64, copy=False)  # hist keys present per row
         self.key_index = np.arange(H, dtype=np.int64)[:, None]  # [H, 1]
-        self._lock = threading.Lock()
-        self._cursor: Tuple[int, np.ndarray] = (0, self.key_start)  # (row, start of row's ids per key)
 
     @classmethod
     def concat(cls, parts: Sequence["_History"], perm: Optional[np.ndarray]) -> "_History":
@@ -257,6 +241,15 @@ class _History:
         if perm is not None:
             last, num = last[perm], num[perm]
         return cls(vals, last, num, parts[0].H)
+
+    @classmethod
+    def of_ranges(cls, parts: Sequence[Tuple["_History", int, int]]) -> "_History":
+        """Rows ``a .. b-1`` of each ``(history, a, b)``, one part after the other, holding
+        only those rows' ids (a batch that straddles windows)."""
+        pieces = [kernels.history_rows(h.vals, h.last, h.num, np.arange(a, b, dtype=np.int64)) for h, a, b in parts]
+        shift = np.cumsum([0] + [v.size for v, _, _ in pieces[:-1]])
+        return cls(np.concatenate([v for v, _, _ in pieces]), np.concatenate([l + o for (_, l, _), o in zip(pieces, shift)]),
+                   np.concatenate([m for _, _, m in pieces]), parts[0][0].H)
 
     @property
     def num_rows(self) -> int:
@@ -278,33 +271,6 @@ class _History:
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """Dense ``[H, len(rows)]`` hist ids of the given rows, -1 padded."""
         return self._dense(self.last[rows], self.num[rows])
-
-    def lengths_into(self, out: np.ndarray, a: int, b: int) -> None:
-        """int32 ``out [H, b - a]`` = 1 where row ``a + i`` has hist_j."""
-        np.greater(self.num[None, a:b], self.key_index, out=out, casting="unsafe")
-
-    def key_counts(self, a: int, b: int) -> np.ndarray:
-        """``[H]`` rows in ``[a, b)`` that have hist_j."""
-        H = self.key_start.size
-        ge = np.bincount(self.num[a:b], minlength=H + 1)[::-1].cumsum()[::-1]  # ge[v] = rows with num >= v
-        return ge[1:H + 1]
-
-    def starts(self, a: int) -> np.ndarray:
-        """``[H]`` position in ``values`` of the first id of row ``a`` (or later) per key."""
-        with self._lock:
-            row, pos = self._cursor
-            if row == a:
-                return pos
-            if row > a:  # not sequential: count from the window start
-                row, pos = 0, self.key_start
-            return pos + self.key_counts(row, a)
-
-    def advance(self, a: int, b: int, counts: np.ndarray) -> None:
-        """Remember that row ``b``'s ids start at ``starts(a) + counts`` (batches are built in order)."""
-        with self._lock:
-            row, pos = self._cursor
-            if row == a:
-                self._cursor = (b, pos + counts)
 
 
 class RowDecoder:
@@ -399,10 +365,10 @@ class RowDecoder:
             offs = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lens, out=offs[1:])
         vals = self.check_ids(vals, HISTORY, card[ITEM_ID], g, offs)
-        last = offs[1:] - 1  # each row's most recent click
-        if perm is not None:
-            last, lens = last[perm], lens[perm]
-        hist = _History(vals, last, lens, H)
+        if perm is None:
+            hist = _History(vals, offs[1:] - 1, lens, H)  # last = each row's most recent click
+        else:  # the kept ids in emission order: a batch of consecutive rows reads one run of them
+            hist = _History(*kernels.history_in_order(offs, vals, perm.astype(np.int64, copy=False), H), H)
         ucol = t.column(U2I).combine_chunks()
         d_c = self.meta.u2i_dim
         flat = ucol.flatten().to_numpy(zero_copy_only=False)
@@ -464,7 +430,7 @@ class ExposureReader(IterableDataset):
         self.slot_rows = [sum(g.num_rows for g in s) for s in self.slots]
         self.batches_per_slot = max(1, max(math.ceil(r / self.batch_size) for r in self.slot_rows))
         self.decoder = RowDecoder(schema, self.meta, data_cfg.hash_ids, with_state=with_retrieval)
-        self._item_features_t = np.ascontiguousarray(self.items.features.numpy().T)  # [F, num_items]
+        self._item_features = np.ascontiguousarray(self.items.features.numpy(), dtype=np.int64)  # [num_items, F]
         self._sample_cdf: Optional[torch.Tensor] = None
         if data_cfg.negative_sampling == "popularity":
             w = (self.items.popularity.double() + 1.0) ** data_cfg.popularity_alpha
@@ -733,6 +699,8 @@ class ExposureReader(IterableDataset):
 
             sparse_t, item, label, u2i = cat(0, 1), cat(1), cat(2), cat(4)
             hist = _History.concat([d[3] for d in decoded], perm)
+            if perm is not None:  # the ids into emission order too (see decode_window)
+                hist = _History.of_ranges([(hist, 0, hist.num_rows)])
             if perm is not None:
                 sparse_t = np.take(sparse_t, perm, axis=1)
                 item, label, u2i = item[perm], label[perm], np.take(u2i, perm, axis=0)
@@ -804,68 +772,39 @@ class ExposureReader(IterableDataset):
                     plan: Optional["_RetrievalPlan"] = None) -> DIGBatch:
         """One batch from consecutive emission-order row ranges ``(window, lo, hi)``.
 
-        Exposure rows are slice copies of the window (padding rows copy row 0); each
+        Exposure rows are copies of the window's rows (padding rows copy row 0); each
         retrieval slot's user-side columns are its click row's, broadcast over its 1 + K rows.
 
         Args:
             plan: the retrieval slots precomputed by :meth:`_plan_window` (else drawn here
                 from ``gen``).
         """
-        B = self.batch_size
-        pack: Optional[Tuple[_History, int, int]] = None
-        hist_t: Optional[np.ndarray] = None
-        if len(parts) == 1:  # the common case: views of one window, no copy
-            w0, a, b = parts[0]
-            sparse_t = w0.sparse_t[:, a:b]
-            if b - a == B:  # a full batch: history keys sliced from the window's packed ids
-                pack = (w0.hist, a, b)
-            else:
-                hist_t = w0.hist.block(a, b)
-            item, label, u2i = w0.item[a:b], w0.label[a:b], w0.u2i[a:b]
+        # the batch's exposure rows are rows lo .. lo + n - 1 of these arrays
+        if len(parts) == 1:  # the common case: the batch reads the window's arrays in place
+            w0, lo, hi = parts[0]
+            sparse_src, item_src, label_src, u2i_src, hist_src = w0.sparse_t, w0.item, w0.label, w0.u2i, w0.hist
+            n = hi - lo
         else:  # the batch straddles windows: copy the (few) rows of each into one range
-            sparse_t = np.concatenate([w.sparse_t[:, a:b] for w, a, b in parts], axis=1)
-            hist_t = np.concatenate([w.hist.block(a, b) for w, a, b in parts], axis=1)
-            item, label, u2i = (np.concatenate([getattr(w, c)[a:b] for w, a, b in parts])
-                                for c in ("item", "label", "u2i"))
-        n = item.shape[0]
-        B, d_c = self.batch_size, self.meta.u2i_dim
-        ex_u2i = np.empty((B, d_c), dtype=np.float32)
-        ex_u2i[:n] = u2i
-        ex_u2i[n:] = u2i[0]
-        ex_label = np.empty(B, dtype=np.float32)
-        ex_label[:n] = label
-        ex_label[n:] = label[0]
-        weights = np.zeros(B, dtype=np.float32)
-        weights[:n] = 1.0
-        P, K = self.num_positive_slots, self.negatives
-        slot_rows = np.zeros(P, dtype=np.int64)  # batch row of each slot; padding slots copy slot 0
-        slot_items = np.empty((P, 1 + K), dtype=np.int64)
-        r_u2i = np.empty((P, 1 + K, d_c), dtype=np.float32)
-        r_labels = np.zeros((P, 1 + K), dtype=np.float32)
-        r_labels[:, 0] = 1.0
-        slot_w = np.zeros((P, 1 + K), dtype=np.float32)
+            lo = 0
+            sparse_src = np.concatenate([w.sparse_t[:, a:b] for w, a, b in parts], axis=1)
+            hist_src = _History.of_ranges([(w.hist, a, b) for w, a, b in parts])
+            item_src, label_src, u2i_src = (np.concatenate([getattr(w, c)[a:b] for w, a, b in parts])
+                                            for c in ("item", "label", "u2i"))
+            n = item_src.shape[0]
+        P, K, d_c = self.num_positive_slots, self.negatives, self.meta.u2i_dim
+        clicks, neg, neg_u2i = np.zeros(0, dtype=np.int64), np.zeros((0, K), dtype=np.int64), None
         if P:
             if plan is None:
                 assert gen is not None
-                clicks, neg = self._select_retrieval(label, item, gen)
+                clicks, neg = self._select_retrieval(label_src[lo:lo + n], item_src[lo:lo + n], gen)
                 neg_u2i = self._negative_u2i(parts, clicks, neg) if clicks.size else None
             else:
                 clicks, neg, neg_u2i = plan.clicks, plan.neg, plan.neg_u2i
-            real = clicks.size
-            if real:
-                slot_rows[:real] = clicks
-                slot_rows[real:] = clicks[0]
-                slot_items[:real, 0] = item[clicks]
-                slot_items[:real, 1:] = neg
-                r_u2i[:real, 0] = u2i[clicks]
-                r_u2i[:real, 1:] = neg_u2i.reshape(real, K, d_c)
-            else:  # no click: weight-0 template slots from exposure row 0
-                slot_items[0] = item[0]
-                r_u2i[0] = u2i[0]
-            slot_items[max(real, 1):] = slot_items[0]
-            r_u2i[max(real, 1):] = r_u2i[0]
-            slot_w[:real] = 1.0
-        kjt = self._kjt(sparse_t, hist_t, item, slot_rows, slot_items, pack)
+        if neg_u2i is None:
+            neg_u2i = np.zeros((0, d_c), dtype=np.float32)
+        ex_u2i, ex_label, weights, slot_rows, slot_items, r_u2i, r_labels, slot_w = kernels.batch_dense(
+            label_src, u2i_src, item_src, lo, n, self.batch_size, P, clicks, neg, neg_u2i)
+        kjt = self._kjt(sparse_src, item_src, hist_src, lo, n, slot_rows, slot_items)
         return DIGBatch(sparse_features=kjt, u2i=torch.from_numpy(ex_u2i), labels=torch.from_numpy(ex_label),
                         weights=torch.from_numpy(weights),
                         retrieval_u2i=torch.from_numpy(r_u2i.reshape(P * (1 + K), d_c)),
@@ -891,106 +830,32 @@ class ExposureReader(IterableDataset):
             first += b - a
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def _rows_into(self, out: np.ndarray, src: np.ndarray, slot_rows: np.ndarray) -> None:
-        """Fill ``out [k, B + P*(1+K)]`` from batch columns ``src [k, n]``: exposure rows
-        (padding = row 0), then each slot's click row repeated 1 + K times."""
-        n, B = src.shape[1], self.batch_size
-        out[:, :n] = src
-        out[:, n:B] = src[:, :1]
-        P = slot_rows.shape[0]
-        if P:
-            out[:, B:].reshape(out.shape[0], P, -1)[...] = np.take(src, slot_rows, axis=1)[:, :, None]
-
-    def _kjt(self, sparse_t: np.ndarray, hist_t: Optional[np.ndarray], item: np.ndarray, slot_rows: np.ndarray,
-             slot_items: np.ndarray, pack: Optional[Tuple[_History, int, int]] = None) -> KeyedJaggedTensor:
+    def _kjt(self, sparse_t: np.ndarray, item: np.ndarray, hist: _History, lo: int, n: int, slot_rows: np.ndarray,
+             slot_items: np.ndarray) -> KeyedJaggedTensor:
         """KJT in ``schema.keys`` order of the B exposure rows then the P*(1+K) retrieval rows.
 
         Same layout as :func:`make_kjt` (``length_per_key``/``offset_per_key`` precomputed on
-        the host), but built key-major in one preallocated values buffer: slice copies for
-        the exposure rows, broadcasts for the retrieval rows, one gather for item features.
+        the host), built in one pass by :func:`kernels.batch_kjt` (no GIL held) into one
+        fresh values buffer per batch (batches in flight in a pipeline never share memory).
 
         Args:
-            hist_t: ``[H, n]`` dense history block of the exposure rows (-1 padded); None with
-                ``pack``.
-            pack: ``(window's _History, a, b)`` when the B exposure rows are the window's
-                emission rows ``[a, b)``: the history keys are then sliced from the window's
-                packed ids (:meth:`_hist_fast`) instead of masking a dense block; the result
-                is identical.
+            sparse_t: ``[U, rows]`` user + context ids of the rows ``item`` and ``hist`` hold.
+            item: ``[rows]`` item ids.
+            hist: the rows' histories.
+            lo, n: the batch's exposure rows are rows ``lo .. lo + n - 1``.
+            slot_rows: ``[P]`` batch row (``0 .. n-1``) of each retrieval slot's click.
+            slot_items: ``[P, 1 + K]`` the positive then the negatives of each slot.
         """
-        B = self.batch_size
-        N = B + slot_items.size
-        U, H = sparse_t.shape[0], self.schema.history_length
-        F = self._item_features_t.shape[0]
-        S = U + F  # single-valued keys
-        if pack is not None:
-            hist_fill, counts = self._hist_fast(pack, slot_rows, slot_items.shape[1])
-        else:
-            assert hist_t is not None
-            hist = np.empty((H, N), dtype=np.int64)
-            self._rows_into(hist, hist_t, slot_rows)
-            mask = hist >= 0
-            counts = np.array([np.count_nonzero(m) for m in mask], dtype=np.int64)  # 2x count_nonzero(axis=1)
-        values = np.empty(S * N + int(counts.sum()), dtype=np.int64)
-        self._rows_into(values[:U * N].reshape(U, N), sparse_t, slot_rows)
-        items = np.empty(N, dtype=np.int64)
-        n = item.shape[0]
-        items[:n] = item
-        items[n:B] = item[0]
-        items[B:] = slot_items.reshape(-1)
-        np.take(self._item_features_t, items, axis=1, out=values[U * N:S * N].reshape(F, N), mode="clip")
-        lengths = np.empty((S + H) * N, dtype=np.int32)
-        lengths[:S * N] = 1
-        if pack is not None:
-            hist_fill(values[S * N:], lengths[S * N:].reshape(H, N))
-        else:
-            np.compress(mask.reshape(-1), hist.reshape(-1), out=values[S * N:])
-            lengths[S * N:] = mask.reshape(-1)
+        values, lengths, counts = kernels.batch_kjt(
+            sparse_t, item, self._item_features, hist.vals, hist.last, hist.num, self.schema.history_length,
+            lo, n, self.batch_size, slot_rows, slot_items)
+        N = self.batch_size + slot_items.size
+        S = sparse_t.shape[0] + self._item_features.shape[1]  # single-valued keys
         length_per_key = [N] * S + counts.tolist()
         offset_per_key = [0] + np.cumsum(length_per_key).tolist()
         return KeyedJaggedTensor(keys=self.schema.keys, values=torch.from_numpy(values),
                                  lengths=torch.from_numpy(lengths), stride=N, length_per_key=length_per_key,
                                  offset_per_key=offset_per_key)
-
-    def _hist_fast(self, pack: Tuple[_History, int, int], slot_rows: np.ndarray, R1: int):
-        """History keys of a full batch (window rows ``[a, b)``) from the window's packed ids.
-
-        Per key j: the exposure rows' ids are one slice of the pack (they are consecutive in
-        it); each retrieval slot repeats its click row's hist_j (if present) 1 + K times.
-
-        Returns:
-            ``(fill, counts)``: ``counts [H]`` ids per key, and ``fill(values, lengths)``
-            writing the ids (``sum(counts)``, key-major) and the ``[H, N]`` int32 lengths.
-        """
-        hp, a, b = pack
-        H, B = hp.H, b - a
-        ex_counts = hp.key_counts(a, b)
-        ex_start = hp.starts(a)
-        hp.advance(a, b, ex_counts)
-        P = slot_rows.shape[0]
-        if P:
-            hsub = hp.rows(slot_rows + a)  # [H, P]: the slots' click rows
-            rmask = hsub >= 0
-            r_ids = np.repeat(np.compress(rmask.reshape(-1), hsub.reshape(-1)), R1)  # key-major, 1+K each
-            r_counts = np.count_nonzero(rmask, axis=1) * R1
-        else:
-            r_counts = np.zeros(H, dtype=np.int64)
-        counts = ex_counts + r_counts
-
-        def fill(values: np.ndarray, lengths: np.ndarray) -> None:
-            pieces = []
-            src, rpos = hp.values, 0
-            for st, c, rc in zip(ex_start.tolist(), ex_counts.tolist(), r_counts.tolist()):
-                pieces.append(src[st:st + c])
-                if rc:
-                    pieces.append(r_ids[rpos:rpos + rc])
-                    rpos += rc
-            if pieces:
-                np.concatenate(pieces, out=values)
-            hp.lengths_into(lengths[:, :B], a, b)
-            if P:
-                lengths[:, B:].reshape(H, P, -1)[...] = rmask[:, :, None]
-
-        return fill, counts
 
     def _pad_batch(self, gen: torch.Generator) -> DIGBatch:
         """A weight-0 batch (copies of the split's first row) to even out step counts."""

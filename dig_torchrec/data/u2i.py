@@ -46,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dig_torchrec.data import kernels
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.errors import DataError
 
@@ -227,7 +228,7 @@ class UserStates:
         """
         state_index = torch.as_tensor(state_index, dtype=torch.long).reshape(-1)
         keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)
-        if self._composite is None and state_index.numel() < self._num_entries():
+        if self.prefers_segmented(state_index.numel()):
             return torch.from_numpy(self.lookup_segmented(state_index.numpy(), keys.numpy()))
         comp = self.composite(stride)
         query = state_index * stride + keys
@@ -238,6 +239,16 @@ class UserStates:
         hit = comp[pos] == query
         out[hit] = self.stats[pos[hit]]
         return out
+
+    def prefers_segmented(self, num_queries: int) -> bool:
+        """Whether :meth:`lookup` searches each query inside its state (fewer queries than
+        stored entries, and no composite index built yet)."""
+        return self._composite is None and num_queries < self._num_entries()
+
+    def stat_columns(self) -> Tuple[np.ndarray, ...]:
+        """The S float32 stat columns, aligned with the keys of :meth:`_search_arrays`."""
+        stats = self.stats.numpy()
+        return tuple(np.ascontiguousarray(stats[:, j]) for j in range(stats.shape[1]))
 
     def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """:meth:`lookup` by a vectorized branchless binary search of each query inside its
@@ -272,33 +283,15 @@ def _segmented_search(offsets: np.ndarray, all_keys: np.ndarray, state_index: np
                       ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The binary search of :meth:`UserStates.lookup_segmented`: ``(hit, entry)`` = the queries
     whose key is in their state and, at those queries, the entry index (None: no entries/queries).
+
+    One compiled binary search per query (:func:`kernels.segmented_search`, no GIL held).
     """
-    last = all_keys.size - 1
-    if last < 0 or keys.size == 0:
+    if all_keys.size == 0 or keys.size == 0:
         return None
-    base = offsets[state_index]  # fancy indexing: fresh arrays
-    end = offsets[state_index + 1]
-    n = end - base
-    nonempty = n > 0
-    # an empty state's query probes nothing: park it on a valid index (it cannot hit, below),
-    # so that no probe needs clamping (for n > 0 every probe lies in [base, end))
-    np.minimum(base, last, out=base)
-    # lower bound of keys[m] in all_keys[base[m] : base[m] + n[m]] (Knuth's "uniform" halving);
-    # rem <- rem - rem // 2 per round, so ceil(log2(max n)) rounds bring every rem to <= 1
-    rounds, r = 0, int(n.max())
-    while r > 1:
-        r -= r >> 1
-        rounds += 1
-    rem = n.copy()
-    for _ in range(rounds):
-        half = rem >> 1
-        probe = base + half
-        np.add(base, half, out=base, where=np.take(all_keys, probe) < keys)
-        rem -= half
-    pos = base + ((all_keys[base] < keys) & nonempty)  # in [base, end]
-    safe = np.minimum(pos, last)
-    hit = np.flatnonzero((pos < end) & nonempty & (all_keys[safe] == keys))
-    return hit, safe
+    entry = kernels.segmented_search(np.asarray(offsets, dtype=np.int64), np.asarray(all_keys, dtype=np.int64),
+                                     state_index, keys)
+    hit = np.flatnonzero(entry >= 0)
+    return hit, entry
 
 
 class ArrowUserStates(UserStates):
@@ -380,6 +373,9 @@ class ArrowUserStates(UserStates):
     def _search_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
         return self._np_offsets, self._np_keys
 
+    def stat_columns(self) -> Tuple[np.ndarray, ...]:
+        return tuple(self._stat_cols)
+
     def _stats_at(self, entries: np.ndarray) -> np.ndarray:
         out = np.empty((entries.size, len(self._stat_cols)), dtype=np.float32)
         for j, c in enumerate(self._stat_cols):
@@ -450,6 +446,10 @@ class U2IFunction:
         if state_index.numel() != n:
             raise ValueError(f"state_index has {state_index.numel()} entries, item_ids {n}")
         F, S = len(self.spec.fields), len(self.spec.stats)
+        if self._single_keys is not None and states.prefers_segmented(n * F):  # a reader window
+            agg = kernels.single_key_stats(*states._search_arrays(), states.stat_columns(), state_index.numpy(),
+                                           item_ids.numpy(), self._single_keys)
+            return u2i_from_field_stats(torch.from_numpy(agg), self.spec.transforms)
         if self._single_keys is not None:  # same queries and values as the per-field loop below
             query = torch.from_numpy(self._single_keys[:, item_ids.numpy()].reshape(-1))  # field-major
             stats = states.lookup(state_index.repeat(F), query, self.stride).reshape(F, n, S)
