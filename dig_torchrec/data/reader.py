@@ -584,16 +584,15 @@ class ExposureReader(IterableDataset):
 
         def window(w: int) -> Tuple[_Window, Dict[int, _RetrievalPlan], Dict[int, DIGBatch]]:
             # window w (from the prefetch threads if already submitted); start w+1 .. w+depth
+            # first, so that the threads already work while this thread waits or loads w itself
             fut = pending.pop(w, None)
-            if fut is not None:
-                out = fut.result()
-            else:
-                with _single_thread():
-                    out = load(w)
             for nxt in range(w + 1, min(w + 1 + depth, len(windows))):
                 if nxt not in pending:
                     pending[nxt] = pool.submit(load, nxt)
-            return out
+            if fut is not None:
+                return fut.result()
+            with _single_thread():
+                return load(w)
 
         try:
             yield from self._batches(skip, epoch, slot, windows, starts, total, window)
