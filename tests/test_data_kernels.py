@@ -145,3 +145,27 @@ def test_single_key_stats_on_arrow_view_states_equals_the_composite_index(tiny_d
     want = fn(ref, rows, items)
     assert torch.equal(got, want)
     assert (got != 0).any()  # some candidates hit stored keys
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """Where numba finds no cache location (read-only install, no writable home), the
+    kernels still compile, per process, instead of failing at import."""
+    import numba
+
+    real = numba.njit
+    calls = []
+
+    def no_locator(*args, **kwargs):
+        calls.append(kwargs.get("cache"))
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+
+    @kernels.njit(nogil=True, cache=True)
+    def add_one(x):
+        return x + 1
+
+    assert calls == [True, False]
+    assert add_one(np.arange(3)).tolist() == [1, 2, 3]

@@ -20,10 +20,29 @@ cache), so only the first process after an install pays the compile (a few secon
 
 from __future__ import annotations
 
-from typing import Tuple
+import logging
+from typing import Callable, Tuple
 
 import numpy as np
-from numba import njit
+import numba
+
+logger = logging.getLogger(__name__)
+
+
+def njit(*args, **kwargs) -> Callable:
+    """``numba.njit`` with the on-disk cache when a cache location is writable (next to this
+    file or numba's user-wide cache dir, ``NUMBA_CACHE_DIR``); otherwise compile per process."""
+
+    def wrap(fn: Callable) -> Callable:
+        try:
+            return numba.njit(*args, **kwargs)(fn)
+        except RuntimeError as e:  # "cannot cache function ...: no locator available"
+            if not kwargs.get("cache"):
+                raise
+            logger.warning("numba cannot cache %s (%s); compiling it in every process", fn.__name__, e)
+            return numba.njit(*args, **{**kwargs, "cache": False})(fn)
+
+    return wrap
 
 
 @njit(nogil=True, cache=True)
