@@ -38,17 +38,18 @@ Hot loop
     Prefetch threads (one per core beyond the consumer's, at most two windows ahead) read
     windows (``ParquetFile.read_row_group``), decode them key-major (``[keys, rows]``, the
     KJT value layout) straight into emission order (the window's permutation is applied by
-    the decoding gathers themselves), draw every batch's retrieval slots and negatives,
-    computing all their u2i in ONE :class:`U2IFunction` call per window (a per-state binary
-    search directly on the arrow column's buffers, :class:`ArrowUserStates`: no copy and no
-    index over the window's states), and build every batch lying inside the window from a
-    contiguous range: slice copies for the exposure rows, broadcasts of the click rows for
-    the retrieval rows, one gather of item features, all written into one preallocated KJT
-    values buffer per batch (fresh per batch: batches in flight in a training pipeline never
-    share memory). The history keys are packed once per window in KJT form
-    (:class:`_History`: present ids key-major), so a batch copies one slice per key instead
-    of masking a dense ``[H, rows]`` block. The iterating thread only builds the few batches
-    that straddle two windows. No per-row Python, no arrow -> Python objects.
+    the decoding gathers themselves; the history ids are laid out one run per row in
+    emission order by :func:`kernels.history_in_order`), draw every batch's retrieval slots
+    and negatives, computing all their u2i in ONE :class:`U2IFunction` call per window (a
+    compiled per-state binary search directly on the arrow column's buffers,
+    :class:`ArrowUserStates`: no copy and no index over the window's states), and build
+    every batch lying inside the window: :func:`kernels.batch_dense` (exposure u2i / labels
+    / weights, the retrieval slots and their u2i) and :func:`kernels.batch_kjt` (the KJT
+    values and lengths of the exposure and retrieval rows, one fresh buffer per batch:
+    batches in flight in a training pipeline never share memory). The kernels are numba
+    code that runs without the GIL, so the threads scale with the cores. The iterating
+    thread only builds the few batches that straddle two windows. No per-row Python, no
+    arrow -> Python objects.
 
 State (``state_dict``): epoch, batches yielded in the epoch and real rows yielded; the
 next ``__iter__`` resumes at the exact row.

@@ -251,7 +251,7 @@ class UserStates:
         return tuple(np.ascontiguousarray(stats[:, j]) for j in range(stats.shape[1]))
 
     def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """:meth:`lookup` by a vectorized branchless binary search of each query inside its
+        """:meth:`lookup` by a (compiled) binary search of each query inside its
         state's (ascending) keys: O(M log(state length)), no O(total entries) index.
 
         Args:
