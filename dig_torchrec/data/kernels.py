@@ -155,6 +155,18 @@ def history_rows(hist_vals: np.ndarray, hist_last: np.ndarray, hist_num: np.ndar
 
 
 @njit(nogil=True, cache=True)
+def _lower_bound(keys: np.ndarray, a: int, b: int, q: int) -> int:
+    """First index in ``[a, b)`` whose key is >= q (``b`` if none); ``keys[a:b]`` ascending."""
+    while a < b:
+        mid = (a + b) >> 1
+        if keys[mid] < q:
+            a = mid + 1
+        else:
+            b = mid
+    return a
+
+
+@njit(nogil=True, cache=True)
 def segmented_search(offsets: np.ndarray, keys: np.ndarray, state_index: np.ndarray, query: np.ndarray
                      ) -> np.ndarray:
     """Entry index of ``query[m]`` inside state ``state_index[m]``, or -1 if absent.
@@ -166,17 +178,9 @@ def segmented_search(offsets: np.ndarray, keys: np.ndarray, state_index: np.ndar
     out = np.empty(M, dtype=np.int64)
     for m in range(M):
         s = state_index[m]
-        a = offsets[s]
         end = offsets[s + 1]
-        b = end
-        q = query[m]
-        while a < b:
-            mid = (a + b) >> 1
-            if keys[mid] < q:
-                a = mid + 1
-            else:
-                b = mid
-        out[m] = a if (a < end and keys[a] == q) else -1
+        a = _lower_bound(keys, offsets[s], end, query[m])
+        out[m] = a if (a < end and keys[a] == query[m]) else -1
     return out
 
 
@@ -239,13 +243,7 @@ def single_key_stats(offsets: np.ndarray, keys: np.ndarray, stat_cols, state_ind
         v = item_ids[i]
         for f in range(F):
             q = item_keys[f, v]
-            b = end
-            while a < b:
-                mid = (a + b) >> 1
-                if keys[mid] < q:
-                    a = mid + 1
-                else:
-                    b = mid
+            a = _lower_bound(keys, a, end, q)
             if a < end and keys[a] == q:
                 for j in range(S):
                     out[i, f, j] = stat_cols[j][a]
