@@ -699,9 +699,8 @@ class ExposureReader(IterableDataset):
 
             sparse_t, item, label, u2i = cat(0, 1), cat(1), cat(2), cat(4)
             hist = _History.concat([d[3] for d in decoded], perm)
-            if perm is not None:  # the ids into emission order too (see decode_window)
-                hist = _History.of_ranges([(hist, 0, hist.num_rows)])
             if perm is not None:
+                hist = _History.of_ranges([(hist, 0, hist.num_rows)])  # ids in emission order (see decode_window)
                 sparse_t = np.take(sparse_t, perm, axis=1)
                 item, label, u2i = item[perm], label[perm], np.take(u2i, perm, axis=0)
         states = None
