@@ -26,13 +26,13 @@ def _csr(lists: List[List[int]]):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_history_in_order_keeps_each_rows_most_recent_ids_in_emission_order(seed):
+def test_history_rows_keeps_each_rows_most_recent_ids_in_the_given_order(seed):
     rng = np.random.default_rng(seed)
     H = int(rng.integers(1, 8))
     lists = _random_lists(rng, 200, 12)
     offs, vals = _csr(lists)
     perm = rng.permutation(len(lists)).astype(np.int64)
-    out_vals, last, num = kernels.history_in_order(offs, vals, perm, H)
+    out_vals, last, num = kernels.history_rows(vals, offs[1:] - 1, np.minimum(np.diff(offs), H), perm)
     pos = 0
     for i, r in enumerate(perm):
         keep = lists[r][max(0, len(lists[r]) - H):]  # the min(len, H) most recent, oldest first
@@ -80,7 +80,8 @@ def test_batch_kjt_equals_a_row_by_row_reference(seed, P, n):
     item_features = rng.integers(0, 9, (40, 2))
     lists = _random_lists(rng, rows, 7)
     offs, vals = _csr(lists)
-    hv, hl, hn = kernels.history_in_order(offs, vals, np.arange(rows, dtype=np.int64), H)
+    hv, hl, hn = kernels.history_rows(vals, offs[1:] - 1, np.minimum(np.diff(offs), H),
+                                      np.arange(rows, dtype=np.int64))
     lo = int(rng.integers(0, rows - B))
     slot_rows = np.sort(rng.choice(n, min(P, n), replace=False)).astype(np.int64)
     slot_rows = np.concatenate([slot_rows, np.zeros(P - slot_rows.size, dtype=np.int64)])

@@ -380,7 +380,7 @@ def test_window_history_in_emission_order_equals_the_dense_history(tiny_dataset,
     # a multi-row-group window: parts concatenated then permuted
     h1, h2 = dec.decode_window(t.slice(0, 150), g)[3], dec.decode_window(t.slice(150), g)[3]
     perm2 = rng.permutation(n)
-    cat = _History.concat([h1, h2], perm2)
+    cat = _History.concat([h1, h2]).select(perm2)
     full = dec.decode_window(t, g)[3]
     assert np.array_equal(cat.block(0, n), np.take(full.block(0, n), perm2, axis=1))
     # the rows of a batch straddling two windows

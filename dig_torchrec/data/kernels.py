@@ -134,7 +134,7 @@ def history_rows(hist_vals: np.ndarray, hist_last: np.ndarray, hist_num: np.ndar
                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A compact history of the given rows only: ``(vals, last, num)`` in the same form as
     the input (row i of the result = input row ``rows[i]``, its ``num`` most recent ids,
-    oldest first)."""
+    oldest first, ending at ``vals[last[i]]``), so that consecutive rows' ids are one run."""
     m = rows.size
     num = np.empty(m, dtype=np.int64)
     total = 0
@@ -182,38 +182,6 @@ def segmented_search(offsets: np.ndarray, keys: np.ndarray, state_index: np.ndar
         a = _lower_bound(keys, offsets[s], end, query[m])
         out[m] = a if (a < end and keys[a] == query[m]) else -1
     return out
-
-
-@njit(nogil=True, cache=True)
-def history_in_order(list_offsets: np.ndarray, list_values: np.ndarray, perm: np.ndarray, num_hist_keys: int
-                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A row group's history column in emission order: ``(vals, last, num)`` where row i is
-    file row ``perm[i]`` with only its ``num[i] = min(length, H)`` most recent ids kept
-    (oldest first, ending at ``vals[last[i]]``), so that consecutive rows' ids are one run.
-
-    Args:
-        list_offsets: int64 ``[rows + 1]`` list offsets of the column (starting at 0).
-        list_values: int64 list values.
-        perm: int64 ``[rows]`` emission row -> file row.
-        num_hist_keys: H.
-    """
-    m = perm.size
-    num = np.empty(m, dtype=np.int64)
-    total = 0
-    for i in range(m):
-        r = perm[i]
-        num[i] = min(list_offsets[r + 1] - list_offsets[r], num_hist_keys)
-        total += num[i]
-    vals = np.empty(total, dtype=np.int64)
-    last = np.empty(m, dtype=np.int64)
-    pos = 0
-    for i in range(m):
-        end = list_offsets[perm[i] + 1]
-        for k in range(num[i]):
-            vals[pos + k] = list_values[end - num[i] + k]
-        pos += num[i]
-        last[i] = pos - 1
-    return vals, last, num
 
 
 @njit(nogil=True, cache=True)

@@ -39,7 +39,7 @@ Hot loop
     windows (``ParquetFile.read_row_group``), decode them key-major (``[keys, rows]``, the
     KJT value layout) straight into emission order (the window's permutation is applied by
     the decoding gathers themselves; the history ids are laid out one run per row in
-    emission order by :func:`kernels.history_in_order`), draw every batch's retrieval slots
+    emission order by :meth:`_History.select`), draw every batch's retrieval slots
     and negatives, computing all their u2i in ONE :class:`U2IFunction` call per window (a
     compiled per-state binary search directly on the arrow column's buffers,
     :class:`ArrowUserStates`: no copy and no index over the window's states), and build
@@ -233,24 +233,25 @@ class _History:
         self.key_index = np.arange(H, dtype=np.int64)[:, None]  # [H, 1]
 
     @classmethod
-    def concat(cls, parts: Sequence["_History"], perm: Optional[np.ndarray]) -> "_History":
-        """Rows of ``parts`` one after the other, then reordered (row i = row ``perm[i]``)."""
+    def concat(cls, parts: Sequence["_History"]) -> "_History":
+        """Rows of ``parts`` one after the other."""
         shift = np.cumsum([0] + [p.vals.size for p in parts[:-1]])
         vals = np.concatenate([p.vals for p in parts])
         last = np.concatenate([p.last + o for p, o in zip(parts, shift)])
         num = np.concatenate([p.num for p in parts])
-        if perm is not None:
-            last, num = last[perm], num[perm]
         return cls(vals, last, num, parts[0].H)
 
     @classmethod
     def of_ranges(cls, parts: Sequence[Tuple["_History", int, int]]) -> "_History":
         """Rows ``a .. b-1`` of each ``(history, a, b)``, one part after the other, holding
         only those rows' ids (a batch that straddles windows)."""
-        pieces = [kernels.history_rows(h.vals, h.last, h.num, np.arange(a, b, dtype=np.int64)) for h, a, b in parts]
-        shift = np.cumsum([0] + [v.size for v, _, _ in pieces[:-1]])
-        return cls(np.concatenate([v for v, _, _ in pieces]), np.concatenate([l + o for (_, l, _), o in zip(pieces, shift)]),
-                   np.concatenate([m for _, _, m in pieces]), parts[0][0].H)
+        return cls.concat([h.select(np.arange(a, b, dtype=np.int64)) for h, a, b in parts])
+
+    def select(self, rows: np.ndarray) -> "_History":
+        """Row i = row ``rows[i]``, holding only those rows' kept ids, one run per row in the
+        new order (a shuffled window: a batch of consecutive rows then reads one run)."""
+        vals, last, num = kernels.history_rows(self.vals, self.last, self.num, rows.astype(np.int64, copy=False))
+        return _History(vals, last, num, self.H)
 
     @property
     def num_rows(self) -> int:
@@ -366,10 +367,9 @@ class RowDecoder:
             offs = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lens, out=offs[1:])
         vals = self.check_ids(vals, HISTORY, card[ITEM_ID], g, offs)
-        if perm is None:
-            hist = _History(vals, offs[1:] - 1, lens, H)  # last = each row's most recent click
-        else:  # the kept ids in emission order: a batch of consecutive rows reads one run of them
-            hist = _History(*kernels.history_in_order(offs, vals, perm.astype(np.int64, copy=False), H), H)
+        hist = _History(vals, offs[1:] - 1, lens, H)  # last = each row's most recent click
+        if perm is not None:  # the kept ids in emission order
+            hist = hist.select(perm)
         ucol = t.column(U2I).combine_chunks()
         d_c = self.meta.u2i_dim
         flat = ucol.flatten().to_numpy(zero_copy_only=False)
@@ -698,9 +698,9 @@ class ExposureReader(IterableDataset):
                 return np.concatenate([d[i] for d in decoded], axis=axis)
 
             sparse_t, item, label, u2i = cat(0, 1), cat(1), cat(2), cat(4)
-            hist = _History.concat([d[3] for d in decoded], perm)
+            hist = _History.concat([d[3] for d in decoded])
             if perm is not None:
-                hist = _History.of_ranges([(hist, 0, hist.num_rows)])  # ids in emission order (see decode_window)
+                hist = hist.select(perm)  # ids in emission order (see decode_window)
                 sparse_t = np.take(sparse_t, perm, axis=1)
                 item, label, u2i = item[perm], label[perm], np.take(u2i, perm, axis=0)
         states = None
