@@ -246,9 +246,10 @@ class UserStates:
         return self._composite is None and num_queries < self._num_entries()
 
     def stat_columns(self) -> Tuple[np.ndarray, ...]:
-        """The S float32 stat columns, aligned with the keys of :meth:`_search_arrays`."""
+        """The S float32 stat columns (strided views, no copy), aligned with the keys of
+        :meth:`_search_arrays`."""
         stats = self.stats.numpy()
-        return tuple(np.ascontiguousarray(stats[:, j]) for j in range(stats.shape[1]))
+        return tuple(stats[:, j] for j in range(stats.shape[1]))
 
     def lookup_segmented(self, state_index: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """:meth:`lookup` by a (compiled) binary search of each query inside its
