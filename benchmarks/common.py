@@ -31,7 +31,8 @@ from torch import nn
 from dig_torchrec.config import DIGConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
-from dig_torchrec.model import DIGModel, DIGOutput, _weighted_bce
+from dig_torchrec.losses import weighted_bce
+from dig_torchrec.model import DIGModel, DIGOutput
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -239,7 +240,7 @@ def _rank_only_from_pooled(model: RankOnlyDIG, batch: DIGBatch, pooled: Any) -> 
     hist_mask = model._history_mask(batch.sparse_features)[:B]
     e_v = model.tokenizer.encode(item_fields)  # Eq. 1
     logits = model.mixer(model.bn_u(e_u), model.bn_v(e_v.flatten(1)), model.bn_u2i(batch.u2i), hist, hist_mask)  # Eq. 6
-    loss = _weighted_bce(logits, batch.labels, batch.weights)  # Eq. 9
+    loss = weighted_bce(logits, batch.labels, batch.weights)  # Eq. 9
     empty = logits.new_zeros(model.num_layers, 0)
     out = DIGOutput(losses={"total": loss.detach(), "rank": loss.detach()}, rank_logits=logits.detach(),
                     labels=batch.labels, weights=batch.weights, recall_logits=empty,

@@ -60,6 +60,14 @@ class TokenizerConfig:
     init_after_steps: int = 0  # rank-path warm-up steps before balanced k-means init
     init_kmeans_iters: int = 10
     frozen: bool = False  # Fixed SID ablation: keep the balanced-tree SIDs, no EMA
+    # stop the EMA codebook updates (and so SID changes) after this many training steps; 0 = never
+    freeze_after_steps: int = 0
+    # dead-code threshold unit: per_step = EMA items per step (dead_code_threshold as is); catalog = a share
+    # of an average catalog item's traffic (threshold x rows per step / num_items), which scales with the catalog
+    dead_code_rule: str = "per_step"
+    assignment: str = "argmin"  # argmin (Eq. 2) | gumbel (DIGER-style exploration noise, decayed to argmin)
+    gumbel_scale: float = 1.0  # initial Gumbel noise scale, relative to the mean squared distance to codes
+    gumbel_decay_steps: int = 0  # linear decay of the noise to 0 over this many steps after init (0 = no noise)
     collision_resolution: str = "last_layer"  # last_layer | none
 
 
@@ -68,6 +76,10 @@ class U2TConfig:
     """Type-III features on the recall path (Eq. 13-15)."""
 
     train_side: bool = True  # feed the Eq. 13 batch teacher to the recall path in training
+    # Eq. 13 teacher: bucket_mean (the paper's), or leave_one_out (a row's own u2i is excluded from its bucket
+    # mean, so at a depth where a bucket holds one row the teacher is 0 instead of the row's exact u2i)
+    teacher: str = "bucket_mean"
+    train_mlp_prob: float = 0.0  # per row, feed MLP_u2t's (detached) estimate instead of the teacher in training
     inference: str = "mlp"  # mlp | stat_mean | none
     grouping: str = "bucket"  # bucket | user_bucket (Eq. 13 grouping)
     hidden_dim: int = 64  # MLP_u2t hidden size (Eq. 14)
@@ -99,6 +111,10 @@ class LossConfig:
     u2t_weight: float = 0.1  # lambda_3
     recall_supervision: str = "all_layers"  # all_layers | last_layer
     recall_samples: str = "retrieval"  # retrieval | exposure
+    recall_objective: str = "bce"  # bce (Eq. 10) | softmax (sampled softmax per click over its negatives, per layer)
+    logq_correction: bool = True  # softmax: subtract log Q(prefix) of the negative sampler (popularity sampling)
+    prefix_negatives: int = 0  # extra softmax term: per click and layer l, items sharing c_<l but not c_l
+    prefix_negatives_weight: float = 1.0  # weight of that term inside L_recall
 
 
 @dataclass
@@ -114,6 +130,10 @@ class TrainConfig:
     log_every: int = 50
     val_every: int = 0  # 0: validate at the end of each epoch
     val_max_batches: int = 0  # 0: the whole valid split
+    # beam-search Recall@10 / NDCG@10 on this many seeded valid users at every validation (0 = off)
+    val_retrieval_users: int = 0
+    val_retrieval_seed: int = 0
+    select_metric: str = "rank_auc"  # rank_auc | recall@10: which validation metric picks checkpoints/best
     checkpoint_every: int = 0  # 0: only at the end
     keep_latest_k: int = 3
     seed: int = 0
@@ -169,9 +189,14 @@ _CHOICES = {
     "u2t.grouping": ("bucket", "user_bucket"),
     "loss.recall_supervision": ("all_layers", "last_layer"),
     "loss.recall_samples": ("retrieval", "exposure"),
+    "loss.recall_objective": ("bce", "softmax"),
+    "u2t.teacher": ("bucket_mean", "leave_one_out"),
+    "tokenizer.dead_code_rule": ("per_step", "catalog"),
+    "tokenizer.assignment": ("argmin", "gumbel"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adam", "sgd"),
     "train.nan_policy": ("error", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.select_metric": ("rank_auc", "recall@10"),
     "sharding.compute_kernel": ("fused", "dense"),
 }
 _POSITIVE = (
@@ -197,6 +222,12 @@ _NON_NEGATIVE = (
     "loss.sem_weight",
     "loss.u2t_weight",
     "tokenizer.init_after_steps",
+    "train.val_retrieval_users",
+    "tokenizer.freeze_after_steps",
+    "tokenizer.gumbel_decay_steps",
+    "tokenizer.gumbel_scale",
+    "loss.prefix_negatives",
+    "loss.prefix_negatives_weight",
 )
 
 
@@ -298,6 +329,17 @@ def validate(cfg: DIGConfig) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be >= 0")
+    if cfg.loss.recall_samples == "exposure" and (cfg.loss.recall_objective == "softmax" or cfg.loss.prefix_negatives):
+        raise ConfigError(
+            "config key 'loss.recall_samples' = 'exposure' has no click groups; loss.recall_objective=softmax and "
+            "loss.prefix_negatives need loss.recall_samples=retrieval"
+        )
+    if cfg.train.select_metric == "recall@10" and cfg.train.val_retrieval_users <= 0:
+        raise ConfigError(
+            "config key 'train.select_metric' = 'recall@10' needs retrieval validation: set train.val_retrieval_users > 0"
+        )
+    if not 0.0 <= cfg.u2t.train_mlp_prob <= 1.0:
+        raise ConfigError(f"config key 'u2t.train_mlp_prob' = {cfg.u2t.train_mlp_prob}; must be in [0, 1]")
     if not 0.0 < cfg.tokenizer.ema_decay < 1.0:
         raise ConfigError(f"config key 'tokenizer.ema_decay' = {cfg.tokenizer.ema_decay}; must be in (0, 1)")
     if cfg.model.embedding_dim % cfg.tokenizer.encoder_heads:

@@ -45,7 +45,9 @@ from dig_torchrec.config import DIGConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchema
 from dig_torchrec.errors import ConfigError, DataError
+from dig_torchrec.losses import LOSS_KEYS, DIGLoss, sampled_softmax, u2t_distillation
 from dig_torchrec.modules.mixer import Mixer
+from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
 from dig_torchrec.modules.tokenizer import DIGTokenizer
 from dig_torchrec.modules.u2t import U2TMLP, U2TStatTable, u2t_teacher
 
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 SID_TABLE = "sid"
-LOSS_KEYS = ("total", "rank", "recall", "commit", "sem", "u2t")
+__all__ = ["DIGModel", "DIGOutput", "UserContext", "LOSS_KEYS", "sid_prefix_key"]
 
 
 def sid_prefix_key(layer: int) -> str:
@@ -116,10 +118,9 @@ class DIGOutput:
     tokenizer_metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 9/10 BCE averaged over the real rows (weights mask padding)."""
-    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
-    return (loss * weights).sum(-1) / weights.sum().clamp_min(1.0)
+def _eval_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` with its running statistics (as at inference), neither updating them nor using batch stats."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
 
 
 @torch.fx.wrap
@@ -202,6 +203,9 @@ class DIGModel(nn.Module):
         self.mixer = Mixer(user_dim, target_dim, meta.u2i_dim, d, cfg.model, device=device)
         self.u2t_mlp = U2TMLP(tok.num_layers, user_dim + target_dim, cfg.u2t.hidden_dim, meta.u2i_dim, device=device)
         self.u2t_stats = U2TStatTable(tok.num_layers, tok.num_codes, meta.u2i_dim, device=device)
+
+        # --- Eq. 8 and the recall-objective options (dig_torchrec/losses.py) ---
+        self.criterion = DIGLoss(cfg.loss, meta.num_items, 1 + cfg.data.negatives_per_positive, device=device)
 
     # ================================================================== helpers
     def _complete_kjt(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -319,7 +323,7 @@ class DIGModel(nn.Module):
         rank_logits = self.mixer(
             user_norm_exp, self.bn_v(e_v[:B].flatten(1)), self.bn_u2i(batch.u2i), hist[:B], hist_mask[:B]
         )
-        rank_loss = _weighted_bce(rank_logits, batch.labels, batch.weights)  # Eq. 9
+        rank_loss = self.criterion.rank(rank_logits, batch.labels, batch.weights)  # Eq. 9
 
         # which rows feed L_recall, the teacher and L_u2t
         if training and cfg.loss.recall_samples == "retrieval":
@@ -348,9 +352,14 @@ class DIGModel(nn.Module):
         e_sid = self._sid_prefix_embeddings(sids_r)  # Eq. 5, [L, N, F*d]
         u2t_hat = self.u2t_mlp(e_u[rows], e_sid)  # Eq. 14, [L, N, d_c]
         user_ids = kjt[USER_ID].values()[rows] if cfg.u2t.grouping == "user_bucket" else None
-        teacher = u2t_teacher(u2i_r, sids_r, weights_r, self.num_codes, user_ids)  # Eq. 13 (no grad)
+        leave_one_out = cfg.u2t.teacher == "leave_one_out"
+        teacher = u2t_teacher(u2i_r, sids_r, weights_r, self.num_codes, user_ids, leave_one_out)  # Eq. 13 (no grad)
         if training:
             u2t_in = teacher if cfg.u2t.train_side else torch.zeros_like(teacher)
+            if cfg.u2t.train_side and cfg.u2t.train_mlp_prob > 0:
+                # per row, the inference-side input (MLP_u2t's estimate) instead of the teacher
+                use_mlp = torch.rand(n, device=teacher.device) < cfg.u2t.train_mlp_prob
+                u2t_in = torch.where(use_mlp[None, :, None], u2t_hat.detach(), u2t_in)
         else:
             u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
 
@@ -362,20 +371,28 @@ class DIGModel(nn.Module):
             hist[rows],
             hist_mask[rows],
         )
-        per_layer = _weighted_bce(recall_logits, labels_r[None].expand(L, -1), weights_r)  # [L]
-        recall_loss = per_layer.mean() if cfg.loss.recall_supervision == "all_layers" else per_layer[-1]  # Eq. 10
-        real_r = (weights_r > 0).to(u2t_hat.dtype)
-        u2t_loss = (((u2t_hat - teacher) ** 2).mean(-1) * real_r).sum(-1).div(real_r.sum().clamp_min(1.0)).mean()  # Eq. 15
+        # click groups (positive + negatives) exist on the retrieval rows; padding slots drop whole groups
+        grouped = rows_are_retrieval
+        crit = self.criterion
+        prefix_index = None
+        needs_index = grouped and (crit.needs_prefix_index or cfg.loss.prefix_negatives > 0)
+        if needs_index and self.tokenizer.is_initialized:
+            prefix_index = CatalogPrefixIndex(
+                self.tokenizer.item_sid_table, self.num_codes, crit.sampling_prob if crit.has_sampling_prob else None
+            )
+        if grouped and crit.needs_prefix_index and prefix_index is None:  # warm-up: gate is 0, any finite value
+            per_layer = sampled_softmax(recall_logits.view(L, -1, crit.group_size), weights_r.view(-1, crit.group_size)[:, 0])
+        else:
+            per_layer = crit.recall_per_layer(recall_logits, labels_r, weights_r, sids_r, grouped, prefix_index)
+        if training and grouped and cfg.loss.prefix_negatives > 0:
+            sib = self._prefix_negative_loss(e_u[rows], user_norm_r, hist[rows], hist_mask[rows], sids_r, weights_r,
+                                             prefix_index)
+            per_layer = per_layer + cfg.loss.prefix_negatives_weight * sib
+        recall_loss = crit.reduce_layers(per_layer)  # Eq. 10
+        u2t_loss = u2t_distillation(u2t_hat, teacher, weights_r)  # Eq. 15
 
-        gate = self._loss_gate()
-        lc = cfg.loss
-        total = (
-            rank_loss
-            + gate * lc.recall_loss_weight * recall_loss
-            + gate * lc.commit_weight * commit
-            + gate * lc.sem_weight * sem
-            + gate * lc.u2t_weight * u2t_loss
-        )  # Eq. 8
+        losses = {"rank": rank_loss, "recall": recall_loss, "commit": commit, "sem": sem, "u2t": u2t_loss}
+        total = crit.combine(losses, self._loss_gate())  # Eq. 8
 
         if training:
             with torch.no_grad():
@@ -383,7 +400,7 @@ class DIGModel(nn.Module):
                 if self.tokenizer.is_initialized:
                     self.u2t_stats.update(sids_r, u2i_r, weights_r)
 
-        losses = {"total": total, "rank": rank_loss, "recall": recall_loss, "commit": commit, "sem": sem, "u2t": u2t_loss}
+        losses = {"total": total, **losses}
         output = DIGOutput(
             losses={k: v.detach() for k, v in losses.items()},
             rank_logits=rank_logits.detach(),
@@ -398,6 +415,56 @@ class DIGModel(nn.Module):
             **losses, "recall_per_layer": per_layer, "e_v": e_v, "e_sid": e_sid, "u2t_hat": u2t_hat,
             "teacher": teacher, "sids": q.sids, "u2t_in": u2t_in, "output": output,
         }
+
+    def _prefix_negative_loss(
+        self,
+        e_u: torch.Tensor,
+        user_norm: torch.Tensor,
+        hist: torch.Tensor,
+        hist_mask: torch.Tensor,
+        sids: torch.Tensor,
+        weights: torch.Tensor,
+        index: Optional[CatalogPrefixIndex],
+    ) -> torch.Tensor:
+        """Softmax per layer over each click's prefix and ``loss.prefix_negatives`` sibling prefixes ``[L]``.
+
+        At layer l the siblings are catalog items sharing the positive's c_<l and differing at
+        c_l, each standing for its depth-l prefix (c_<l, c'_l): the alternatives beam search
+        compares with the positive's token at depth l. Every candidate, the positive
+        included, is scored with MLP_u2t's (detached) estimate and eval-mode BN, i.e. as
+        beam search scores it. A click whose prefix has no sibling at a layer is left out there.
+
+        Args:
+            e_u, user_norm, hist, hist_mask, sids, weights: the retrieval rows (click groups).
+            index: the catalog prefix index (None before tokenizer init: the term is 0).
+        """
+        L, G, M = self.num_layers, self.criterion.group_size, self.cfg.loss.prefix_negatives
+        if index is None:
+            return user_norm.new_zeros(L)
+        pos = torch.arange(0, sids.shape[0], G, device=sids.device)  # the click of each group
+        pos_sids = sids[pos]
+        S, C = pos.numel(), 1 + M
+        expand = torch.arange(S, device=sids.device).repeat_interleave(C)  # candidate -> click
+        targets, u2ts, valids = [], [], []
+        for depth in range(1, L + 1):
+            items, valid = index.sample_siblings(pos_sids, depth, M)  # [S, M]
+            sib_prefix = self.tokenizer.item_sid_table[items][..., :depth]  # [S, M, depth], shares c_<l
+            cand = torch.cat([pos_sids[:, None, :depth], sib_prefix], 1).reshape(S * C, depth)
+            e_sid = self._sid_prefix_embedding_at(cand)  # Eq. 5 at depth l
+            targets.append(e_sid)
+            u2ts.append(self.u2t_mlp.forward_layer(depth - 1, e_u[pos][expand], e_sid).detach())  # Eq. 14
+            valids.append(valid)
+        target = torch.stack(targets)  # [L, S*C, T]
+        u2t = torch.stack(u2ts)
+        logits = self.mixer(
+            user_norm[pos][expand],
+            _eval_batch_norm(self.bn_sid, target.reshape(L * S * C, -1)).view(L, S * C, -1),
+            _eval_batch_norm(self.bn_u2t, u2t.reshape(L * S * C, -1)).view(L, S * C, -1),
+            hist[pos][expand],
+            hist_mask[pos][expand],
+        ).view(L, S, C)
+        w = weights[pos][None] * torch.stack(valids).to(weights.dtype)  # [L, S]
+        return sampled_softmax(logits, w)
 
     def _inference_u2t(self, mode: str, u2t_hat: torch.Tensor, sids: torch.Tensor) -> torch.Tensor:
         """u2t on the recall path outside training, ``[L, N, d_c]`` (Eq. 16)."""

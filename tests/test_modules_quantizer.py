@@ -101,3 +101,81 @@ def test_dead_codes_restart_onto_batch_residuals_and_are_counted():
     assert float(q.ema_count[0, 2]) == 1.0
     stats = q.last_stats
     assert stats["utilization"].shape == (2,) and 0 < float(stats["perplexity"][0]) <= 3
+
+
+def test_catalog_dead_code_rule_scales_the_threshold_with_the_catalog():
+    """tokenizer.dead_code_rule=catalog: dead = below threshold x (EMA rows per step / catalog size)."""
+    counts = torch.tensor([[9.0, 9.0, 2.0], [10.0, 5.0, 5.0]])  # 20 rows per step per layer
+
+    def restarts(**kw):
+        q = _quantizer(dead_code_threshold=0.5, **kw)
+        q.ema_primed.fill_(1)
+        q.ema_count.copy_(counts)
+        q.ema_sum.copy_(q.codebooks * q.ema_count[..., None])
+        x = torch.tensor([[4.1, 0.2], [3.9, -0.1], [0.2, 0.1]])
+        # an EMA step with the batch's own counts: a * N + (1 - a) * n keeps code 2 of layer 1 near 1.9
+        q._restart_dead_codes(q(x), torch.ones(3, dtype=torch.bool))
+        return q.dead_restarts.tolist()
+
+    assert restarts() == [0, 0]  # per step: 2.0 items/step >= 0.5
+    # catalog of 4 items: an average item is 5 rows/step, the threshold 2.5 rows/step
+    assert restarts(catalog_size=4) == [1, 0]
+    # catalog of 40 items: threshold 0.25 rows/step, nothing is dead
+    assert restarts(catalog_size=40) == [0, 0]
+
+
+def test_gumbel_assignment_explores_then_decays_to_argmin():
+    q = _quantizer()
+    torch.manual_seed(0)
+    x = torch.tensor([[4.2, 0.9], [0.1, 3.0], [0.2, -0.1], [2.1, 1.9]]).repeat(50, 1)
+    argmin = q.assign(x)
+    noisy = q.assign(x, noise_scale=2.0)
+    assert (noisy != argmin).any(1).float().mean() > 0.2  # exploration moves a share of the rows
+    assert torch.equal(q.assign(x, noise_scale=0.0), argmin)
+
+
+def test_tokenizer_gumbel_noise_decays_linearly_to_zero_then_assigns_argmin():
+    from dig_torchrec.config import TokenizerConfig
+    from dig_torchrec.modules.tokenizer import DIGTokenizer
+
+    cfg = TokenizerConfig(num_layers=2, num_codes=4, encoder_layers=1, encoder_heads=1, assignment="gumbel",
+                          gumbel_scale=1.5, gumbel_decay_steps=10)
+    tok = DIGTokenizer(cfg, num_fields=1, dim=2, num_items=8)
+    assert tok.gumbel_noise_scale() == 0.0  # before init: no noise
+    tok.initialized.fill_(1)
+    assert tok.gumbel_noise_scale() == 1.5
+    tok.steps_since_init.fill_(4)
+    assert abs(tok.gumbel_noise_scale() - 1.5 * 0.6) < 1e-9
+    tok.steps_since_init.fill_(10)
+    assert tok.gumbel_noise_scale() == 0.0
+    tok.quantizer.codebooks.normal_()
+    tok.train()
+    e_v = torch.randn(64, 1, 2)
+    torch.manual_seed(1)
+    assert torch.equal(tok.quantize(e_v, torch.zeros(64, dtype=torch.long)).sids, tok.assign(e_v))
+
+
+def test_tokenizer_freeze_after_steps_stops_codebooks_and_sids():
+    from dig_torchrec.config import TokenizerConfig
+    from dig_torchrec.modules.tokenizer import DIGTokenizer
+
+    cfg = TokenizerConfig(num_layers=2, num_codes=4, encoder_layers=1, encoder_heads=1, freeze_after_steps=2,
+                          init_kmeans_iters=2)
+    torch.manual_seed(0)
+    tok = DIGTokenizer(cfg, num_fields=1, dim=2, num_items=16)
+    tok.initialize(torch.randn(16, 2))
+    tok.train()
+    ids = torch.arange(16)
+    mask = torch.ones(16, dtype=torch.bool)
+    for step in range(2):  # EMA steps move the codebooks
+        before = tok.quantizer.codebooks.clone()
+        out = tok.quantize(torch.randn(16, 1, 2) * 3, ids)
+        tok.training_update(out, ids, mask)
+        assert not torch.equal(before, tok.quantizer.codebooks)
+    assert tok.ema_frozen and int(tok.steps_since_init) == 2
+    frozen_books, frozen_table = tok.quantizer.codebooks.clone(), tok.item_sid_table.clone()
+    e_v = torch.randn(16, 1, 2) * 3
+    out = tok.quantize(e_v, ids)
+    assert torch.equal(out.sids, frozen_table)  # the table's SIDs, whatever e_v says now
+    tok.training_update(out, ids, mask)
+    assert torch.equal(tok.quantizer.codebooks, frozen_books) and torch.equal(tok.item_sid_table, frozen_table)

@@ -443,6 +443,13 @@ class ExposureReader(IterableDataset):
         self._clicks_dropped = 0
 
     # ------------------------------------------------------------------ public state
+    def negative_sampling_prob(self) -> Optional[torch.Tensor]:
+        """``[num_items]`` p(v) of the negative sampler (``data.negative_sampling=popularity``); None if uniform."""
+        if self._sample_cdf is None:
+            return None
+        cdf = self._sample_cdf
+        return torch.diff(cdf, prepend=cdf.new_zeros(1)).float()
+
     @property
     def num_batches(self) -> int:
         """Steps per epoch; equal on every rank."""

@@ -78,6 +78,9 @@ class ResidualQuantizer(nn.Module):
         dead_code_threshold: EMA count (items per step) below which a code is restarted.
         restart_dead_codes: enable dead-code restarts.
         device: where the buffers live ("meta" allowed).
+        catalog_size: > 0 scales the threshold with the catalog (``tokenizer.dead_code_rule=catalog``):
+            a code is dead when its EMA count is below ``dead_code_threshold`` x the traffic of an
+            average catalog item (the layer's EMA rows per step / ``catalog_size``).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class ResidualQuantizer(nn.Module):
         dead_code_threshold: float = 0.03,
         restart_dead_codes: bool = True,
         device: Optional[torch.device | str] = None,
+        catalog_size: int = 0,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -99,6 +103,7 @@ class ResidualQuantizer(nn.Module):
         self.epsilon = epsilon
         self.dead_code_threshold = dead_code_threshold
         self.restart_dead_codes = restart_dead_codes
+        self.catalog_size = catalog_size
         self.register_buffer("codebooks", torch.zeros(num_layers, num_codes, dim, device=device))
         self.register_buffer("ema_count", torch.zeros(num_layers, num_codes, device=device))
         self.register_buffer("ema_sum", torch.zeros(num_layers, num_codes, dim, device=device))
@@ -109,12 +114,23 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ assignment
     @torch.no_grad()
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 2-3: greedy residual argmin, ``[N, D] -> [N, L]`` tokens."""
+    def assign(self, x: torch.Tensor, noise_scale: float = 0.0) -> torch.Tensor:
+        """Eq. 2-3: greedy residual argmin, ``[N, D] -> [N, L]`` tokens.
+
+        Args:
+            x: ``[N, D]``.
+            noise_scale: > 0 draws the code by Gumbel-max instead (DIGER-style exploration):
+                ``argmin_k d_k - tau g_k`` with ``g_k ~ Gumbel(0, 1)`` and ``tau = noise_scale``
+                times the row's standard deviation of ``d_k`` over codes; 0 is Eq. 2's argmin.
+        """
         r = x.detach().float()
         sids = []
         for layer in range(self.num_layers):
-            code = squared_distances(r, self.codebooks[layer]).argmin(1)  # Eq. 2
+            dist_k = squared_distances(r, self.codebooks[layer])
+            if noise_scale > 0:
+                gumbel = -torch.log(-torch.log(torch.rand_like(dist_k).clamp(1e-10, 1.0 - 1e-7)))
+                dist_k = dist_k - noise_scale * dist_k.std(1, keepdim=True) * gumbel
+            code = dist_k.argmin(1)  # Eq. 2
             sids.append(code)
             r = r - self.codebooks[layer][code]  # Eq. 3
         return torch.stack(sids, 1) if sids else torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
@@ -125,10 +141,10 @@ class ResidualQuantizer(nn.Module):
         prefix = torch.cumsum(quantized, 1)  # Eq. 4: hat e^(1:l)
         return torch.cat([x[None], x[None] - prefix.transpose(0, 1)], 0)
 
-    def forward(self, x: torch.Tensor, sids: Optional[torch.Tensor] = None) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, sids: Optional[torch.Tensor] = None, noise_scale: float = 0.0) -> QuantizerOutput:
         """Quantise ``x [N, D]``; with ``sids`` given (frozen SIDs) only the residuals are computed."""
         if sids is None:
-            sids = self.assign(x)
+            sids = self.assign(x, noise_scale)
         return QuantizerOutput(sids=sids, residuals=self.residuals_for(x, sids))
 
     # ------------------------------------------------------------------ init / EMA
@@ -195,7 +211,10 @@ class ResidualQuantizer(nn.Module):
         The dead set is identical on every rank (it comes from all-reduced counts); rank 0
         draws the replacement residuals and broadcasts the updated codebook state.
         """
-        dead = self.ema_count < self.dead_code_threshold  # [L, K]
+        threshold = torch.full_like(self.ema_count[:, :1], self.dead_code_threshold)
+        if self.catalog_size > 0:  # a share of an average catalog item's traffic per step
+            threshold = threshold * self.ema_count.sum(1, keepdim=True) / self.catalog_size
+        dead = self.ema_count < threshold  # [L, K]
         num_dead = dead.sum(1)
         if int(num_dead.sum()) == 0:
             return

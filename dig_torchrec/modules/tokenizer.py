@@ -61,12 +61,15 @@ class DIGTokenizer(nn.Module):
         self.quantizer = ResidualQuantizer(
             cfg.num_layers, cfg.num_codes, num_fields * dim, decay=cfg.ema_decay, epsilon=cfg.laplace_epsilon,
             dead_code_threshold=cfg.dead_code_threshold, restart_dead_codes=cfg.restart_dead_codes, device=device,
+            catalog_size=num_items if cfg.dead_code_rule == "catalog" else 0,
         )
         self.register_buffer(
             "item_sid_table", torch.full((num_items, cfg.num_layers), -1, dtype=torch.long, device=device)
         )
         self.register_buffer("initialized", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("init_collision_rate", torch.zeros((), device=device))  # Eq. 2 right after init
+        # training steps since init: drives tokenizer.freeze_after_steps and the Gumbel noise decay
+        self.register_buffer("steps_since_init", torch.zeros((), dtype=torch.long, device=device))
         self._collision_rate: Optional[float] = None
         self._step_stats: Optional[Dict[str, torch.Tensor]] = None
 
@@ -78,12 +81,31 @@ class DIGTokenizer(nn.Module):
         """Eq. 1: ``[N, F_enc, d]`` field embeddings -> e_v ``[N, F_enc, d]``."""
         return self.encoder(fields)
 
+    @property
+    def ema_frozen(self) -> bool:
+        """Codebooks no longer move: ``tokenizer.frozen``, or ``freeze_after_steps`` steps after init."""
+        every = self.cfg.freeze_after_steps
+        return self.cfg.frozen or (every > 0 and self.is_initialized and int(self.steps_since_init) >= every)
+
+    def gumbel_noise_scale(self) -> float:
+        """Relative Gumbel noise of the training assignment (``tokenizer.assignment=gumbel``).
+
+        ``gumbel_scale`` right after init, decayed linearly to 0 over ``gumbel_decay_steps``
+        (DIGER's uncertainty decay): from then on the assignment is Eq. 2's argmin.
+        """
+        c = self.cfg
+        if c.assignment != "gumbel" or c.gumbel_decay_steps <= 0 or not self.is_initialized:
+            return 0.0
+        return c.gumbel_scale * max(0.0, 1.0 - int(self.steps_since_init) / c.gumbel_decay_steps)
+
     def quantize(self, e_v: torch.Tensor, item_ids: torch.Tensor) -> QuantizerOutput:
-        """SIDs and residuals of a batch: Eq. 2 argmin, or the fixed table when frozen."""
+        """SIDs and residuals of a batch: Eq. 2 argmin (with exploration noise in training when
+        ``tokenizer.assignment=gumbel``), or the item's table SID once the codebooks are frozen."""
         flat = e_v.reshape(e_v.shape[0], -1)
-        if self.cfg.frozen and self.is_initialized:
+        if self.ema_frozen and self.is_initialized:
             return self.quantizer(flat, sids=self.item_sid_table[item_ids])
-        return self.quantizer(flat)
+        noise = self.gumbel_noise_scale() if self.training else 0.0
+        return self.quantizer(flat, noise_scale=noise)
 
     def assign(self, e_v: torch.Tensor) -> torch.Tensor:
         """Eq. 2-3 argmin on the current codebooks: ``[N, F, d]`` or ``[N, F*d]`` -> ``[N, L]``."""
@@ -94,6 +116,9 @@ class DIGTokenizer(nn.Module):
         """EMA codebook step (Eq. 2-4 codebooks) and SID-table refresh; no-op when frozen/uninitialised."""
         if self.cfg.frozen or not self.is_initialized:
             return
+        if self.ema_frozen:  # tokenizer.freeze_after_steps reached: SIDs stay as they are
+            return
+        self.steps_since_init.add_(1)
         self.quantizer.ema_update(out, mask)
         self._step_stats = self.quantizer.last_stats
         ids, sids = item_ids[mask], out.sids[mask]
@@ -133,6 +158,7 @@ class DIGTokenizer(nn.Module):
         self.quantizer.load_initial_codebooks(codebooks, sids)
         self.item_sid_table.copy_(sids)
         self.initialized.fill_(1)
+        self.steps_since_init.zero_()
         eq2 = self.quantizer.assign(flat.to(device))
         self.init_collision_rate.fill_(collision_rate(eq2, self.num_codes))
         self._collision_rate = None

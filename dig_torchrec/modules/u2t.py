@@ -29,6 +29,7 @@ def u2t_teacher(
     weights: torch.Tensor,
     num_codes: int,
     user_ids: Optional[torch.Tensor] = None,
+    leave_one_out: bool = False,
 ) -> torch.Tensor:
     """Eq. 13: bucket mean of u2i over the batch, for every row and layer (stop-gradient).
 
@@ -40,6 +41,9 @@ def u2t_teacher(
         num_codes: K.
         user_ids: ``[N]`` for ``u2t.grouping=user_bucket`` (group by user AND prefix);
             None groups by prefix only (``bucket``).
+        leave_one_out: exclude the row's own u2i from its mean (``u2t.teacher=leave_one_out``):
+            a row alone in its bucket (most rows at deep layers of a large SID space) gets 0
+            instead of its own exact u2i, which the recall path never has at inference.
 
     Returns:
         ``[L, N, d_c]`` teacher u2t^(1:l) for l = 1..L (detached).
@@ -62,8 +66,12 @@ def u2t_teacher(
     values = u2i.detach().repeat(num_layers, 1) * w[:, None]
     sums = torch.zeros(num_groups, d_c, dtype=u2i.dtype, device=u2i.device).index_add_(0, group, values)
     counts = torch.zeros(num_groups, dtype=u2i.dtype, device=u2i.device).index_add_(0, group, w)
-    mean = sums / counts.clamp_min(1.0)[:, None]
-    return mean[group].view(num_layers, n, d_c)
+    if not leave_one_out:
+        mean = sums / counts.clamp_min(1.0)[:, None]
+        return mean[group].view(num_layers, n, d_c)
+    own_sum = sums[group] - values  # [L*N, d_c] the bucket without this row
+    own_count = counts[group] - w
+    return (own_sum / own_count.clamp_min(1.0)[:, None]).view(num_layers, n, d_c)
 
 
 class U2TMLP(nn.Module):

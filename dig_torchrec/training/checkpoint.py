@@ -280,6 +280,10 @@ def _local_tensors(state: Mapping[str, Any], prefix: str = "") -> List[Tuple[str
     return out
 
 
+BEST_LINK = "best"  # checkpoints/best -> step-N, the best checkpoint by train.select_metric
+BEST_FILE = "best.json"
+
+
 class CheckpointManager:
     """Writes, lists, prunes and loads the checkpoints of one run directory.
 
@@ -420,9 +424,40 @@ class CheckpointManager:
             where = tensors[bad][0] if bad is not None else "a tensor on another rank"
             raise NumericalError(f"step {step}: refusing to write a checkpoint: '{where}' holds NaN/inf")
 
+    # ------------------------------------------------------------------ best
+    def mark_best(self, path: Path, metric: str, value: float, step: int) -> None:
+        """Point ``checkpoints/best`` at ``path`` and record why in ``checkpoints/best.json`` (rank 0).
+
+        ``best`` is a relative symlink replaced atomically, so ``--checkpoint RUN/checkpoints/best``
+        always names one complete checkpoint; pruning never deletes its target.
+        """
+        if self.rank == 0:
+            link = self.dir / BEST_LINK
+            tmp = self.dir / f".{BEST_LINK}.tmp"
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            os.symlink(Path(path).name, tmp)
+            _write_text_atomic(self.dir / BEST_FILE, json.dumps(
+                {"checkpoint": Path(path).name, "step": step, "metric": metric, "value": value}, indent=2))
+            os.replace(tmp, link)
+            _fsync_dir(self.dir)
+            logger.info("best checkpoint by %s = %.4f: %s", metric, value, path)
+        self._barrier()
+
+    def read_best(self) -> Optional[Dict[str, Any]]:
+        """``checkpoints/best.json`` if its checkpoint is still complete, else None."""
+        f = self.dir / BEST_FILE
+        if not f.is_file():
+            return None
+        info = json.loads(f.read_text())
+        return info if is_complete(self.dir / str(info.get("checkpoint", ""))) else None
+
     def _prune(self) -> None:
         done = self.complete_checkpoints()
-        for _, p in done[: max(0, len(done) - self.keep_latest_k)]:
+        best = self.read_best()
+        keep = {best["checkpoint"]} if best else set()
+        done = [(s, p) for s, p in done if p.name not in keep]
+        for _, p in done[: max(0, len(done) - max(self.keep_latest_k - len(keep), 1))]:
             shutil.rmtree(p, ignore_errors=True)
             logger.info("deleted old checkpoint %s", p)
         for p in self.dir.glob(".tmp-step-*"):  # leftovers of interrupted saves

@@ -53,12 +53,13 @@ def _quiet_other_ranks() -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Build the trainer from ``--config`` + overrides and train."""
     from dig_torchrec.config import load_config
+    from dig_torchrec.retrieval.validation import RetrievalValidator
     from dig_torchrec.training.trainer import Trainer
 
     _quiet_other_ranks()
     cfg = load_config(args.config, args.overrides)
     resume = None if args.resume in (None, "", "none") else args.resume
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, retrieval_validator=RetrievalValidator)
     try:
         trainer.train()
     finally:

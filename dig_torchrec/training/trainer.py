@@ -32,7 +32,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from tqdm import tqdm
 from dig_torchrec.config import DIGConfig, save_config
 from dig_torchrec.data.batch import DIGBatch
 from dig_torchrec.data.reader import ExposureReader, open_dataset
+from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
 from dig_torchrec.distributed.env import DistEnv, init_distributed, shutdown
 from dig_torchrec.distributed.planner import (
     check_sharding_config,
@@ -54,7 +55,7 @@ from dig_torchrec.distributed.planner import (
     plan_sharding_types,
 )
 from dig_torchrec.distributed.sync import average_batchnorm_stats
-from dig_torchrec.errors import NumericalError
+from dig_torchrec.errors import ConfigError, NumericalError
 from dig_torchrec.model import DIGModel, DIGOutput
 from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible, check_run_dir, check_sharding
 from dig_torchrec.training import accounting, faults, preflight
@@ -65,6 +66,7 @@ from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, b
 logger = logging.getLogger(__name__)
 
 FINAL_METRICS_FILE = "final_metrics.json"
+RetrievalCheck = Callable[[torch.nn.Module], Dict[str, float]]
 
 
 def seed_everything(seed: int) -> None:
@@ -98,11 +100,23 @@ class Trainer:
         resume: ``None`` (fresh), ``auto`` (newest complete checkpoint of ``run_dir`` if any),
             or a checkpoint directory.
         env: an already-initialised distributed environment (default: create one).
+        retrieval_validator: factory ``(cfg, meta, schema, device) -> callable(model) -> metrics``
+            of the beam-search validation run when ``train.val_retrieval_users > 0``
+            (``dig_torchrec.retrieval.validation.RetrievalValidator``; the CLI passes it).
     """
 
-    def __init__(self, cfg: DIGConfig, resume: Optional[str] = None, env: Optional[DistEnv] = None) -> None:
+    def __init__(
+        self,
+        cfg: DIGConfig,
+        resume: Optional[str] = None,
+        env: Optional[DistEnv] = None,
+        retrieval_validator: Optional[Callable[[DIGConfig, DatasetMeta, FeatureSchema, torch.device], RetrievalCheck]] = None,
+    ) -> None:
         self.cfg = cfg
         self.resume = resume
+        self._make_retrieval_check = retrieval_validator
+        self.retrieval_check: Optional[RetrievalCheck] = None
+        self.best: Optional[Dict[str, Any]] = None  # {"step", "metric", "value"} of checkpoints/best
         # fail before joining the process group or writing anything (training/preflight.py)
         preflight.run_preflight(cfg, resume=resume, world_size=env.world_size if env else None,
                                 device_type=env.device.type if env else None)
@@ -158,7 +172,16 @@ class Trainer:
         self.train_reader = accounting.RowAccounting(ExposureReader(
             cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
         ), self.run_dir, self.schema)  # per-epoch row counts + fingerprint (training/accounting.py)
+        # the recall objective's logQ correction needs the reader's negative-sampling distribution
+        self.dig.criterion.set_sampling_distribution(self.train_reader.negative_sampling_prob(), env.device)
         self.valid_reader: Optional[ExposureReader] = None
+        if cfg.train.val_retrieval_users > 0:
+            if self._make_retrieval_check is None:
+                raise ConfigError(
+                    "config key 'train.val_retrieval_users' > 0 but this Trainer was built without a retrieval "
+                    "validator (pass retrieval_validator=RetrievalValidator, as `dig train` does)"
+                )
+            self.retrieval_check = self._make_retrieval_check(cfg, self.meta, self.schema, env.device)
         steps_per_epoch = self.train_reader.num_batches
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
         self.metrics = TrainMetrics(cfg.tokenizer.num_layers)
@@ -213,6 +236,9 @@ class Trainer:
                 path, info.world_size, self.env.world_size, info.epoch, 100 * frac,
             )
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        best = self.checkpoints.read_best()
+        if best is not None and best.get("metric") == self.cfg.train.select_metric and int(best["step"]) <= self.step:
+            self.best = best
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, reader.epoch)
 
     # ================================================================== step
@@ -309,6 +335,8 @@ class Trainer:
             means.update(scalars)
         result = {f"valid/{k}": v for k, v in aucs.compute().items()}
         result.update({f"valid/{k}": v for k, v in means.compute(keys).items()})
+        if self.retrieval_check is not None and self.dig.tokenizer.is_initialized:
+            result.update({f"valid/{k}": v for k, v in self.retrieval_check(self.dig).items()})
         result["valid/seconds"] = time.perf_counter() - t0
         self.model.train(was_training)
         self.last_validation = result
@@ -372,10 +400,33 @@ class Trainer:
             return
         if cfg.log_every > 0 and self.step % cfg.log_every == 0 and self.step > 0:
             self._log_train()
-        if (cfg.val_every > 0 and self.step % cfg.val_every == 0 and self.step > 0) or (cfg.val_every == 0 and epoch_done):
+        validated = (cfg.val_every > 0 and self.step % cfg.val_every == 0 and self.step > 0) or (
+            cfg.val_every == 0 and epoch_done)
+        if validated:
             self.validate()
         if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.step > 0:
             self.save_checkpoint()
+        if validated:
+            self._track_best()
+
+    def _track_best(self) -> None:
+        """Point ``checkpoints/best`` at this step's checkpoint if its ``train.select_metric`` is the best yet.
+
+        Called after a validation; saves a checkpoint at this step first if there is none.
+        The metric is the same on every rank (validation is all-reduced), so every rank
+        takes the same branch of this collective code.
+        """
+        metric = self.cfg.train.select_metric
+        value = self.last_validation.get(f"valid/{metric}")
+        if value is None or not math.isfinite(float(value)) or not self.dig.tokenizer.is_initialized:
+            return
+        if self.best is not None and float(value) <= float(self.best["value"]):
+            return
+        if self.last_checkpoint_step != self.step:
+            self.save_checkpoint()
+        assert self.last_checkpoint is not None
+        self.checkpoints.mark_best(self.last_checkpoint, metric, float(value), self.step)
+        self.best = {"step": self.step, "metric": metric, "value": float(value)}
 
     def _log_train(self) -> None:
         values = self.metrics.compute()
@@ -424,6 +475,7 @@ class Trainer:
                 self.validate()
             if self.last_checkpoint_step != self.step:
                 self.save_checkpoint()
+            self._track_best()
             if self.metrics.steps:
                 self._log_train()
         finally:

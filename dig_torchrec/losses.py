@@ -1,0 +1,196 @@
+"""DIG's training objective (paper §3.3, Eq. 8-15), kept apart from the model's forward.
+
+:class:`DIGLoss` turns what the model computed (logits, quantizer residuals, u2t estimates
+and teachers) into the five terms of Eq. 8:
+
+    L = L_rank + w_recall L_recall + l1 L_commit + l2 L_sem + l3 L_u2t      (Eq. 8)
+
+* ``L_rank`` (Eq. 9): weighted BCE of the rank path on the exposure rows.
+* ``L_recall`` (Eq. 10): the recall path's per-layer objective, averaged over the L layers
+  (or the last one only, ``loss.recall_supervision=last_layer``). Two forms
+  (``loss.recall_objective``):
+
+  - ``bce``: the paper's BCE on every retrieval row (click = 1, sampled negative = 0);
+  - ``softmax``: a sampled softmax per click over its positive and its
+    ``data.negatives_per_positive`` negatives, per layer. With popularity-sampled negatives
+    (``data.negative_sampling=popularity``) the logits are corrected by ``log Q(v)``, the
+    reader's sampling log-probability (``loss.logq_correction``; Yi et al., RecSys 2019), so
+    the softmax estimates the full-corpus one instead of one biased against popular items.
+
+  Negatives whose prefix c_1..c_l equals the positive's are left out of the depth-l softmax
+  (accidental hits), and the logQ correction at depth l uses the sampling mass of the
+  whole prefix, since a sampled item stands for its prefix there.
+
+  An optional extra softmax term over candidates the reader did not draw, prefix-aware
+  negatives (``loss.prefix_negatives``): at layer l, items that share the positive's prefix
+  c_<l and differ at c_l (the decision beam search takes at depth l). The term scores every
+  candidate, the positive included, with the inference-side u2t (MLP_u2t's estimate) and
+  eval-mode BN, so it cannot tell candidates apart by where their u2t came from.
+* ``L_commit`` (Eq. 11), ``L_sem`` (Eq. 12): from :class:`~dig_torchrec.modules.quantizer.QuantizerOutput`.
+* ``L_u2t`` (Eq. 15): MSE of MLP_u2t's estimate against the (stop-gradient) Eq. 13 teacher.
+
+Before tokenizer init the recall-side terms are computed but weighted 0 (``gate``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dig_torchrec.config import LossConfig
+from dig_torchrec.errors import ConfigError
+from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
+
+LOSS_KEYS = ("total", "rank", "recall", "commit", "sem", "u2t")
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 9/10 BCE averaged over the real rows (weights mask padding); leading dims are kept."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    return (loss * weights).sum(-1) / weights.sum().clamp_min(1.0)
+
+
+def sampled_softmax(
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    log_q: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-layer sampled softmax cross-entropy with the positive in column 0.
+
+    Args:
+        logits: ``[L, S, G]``: S groups (one per click) of G candidates, positive first.
+        weights: ``[S]`` or ``[L, S]`` group weights (0 = padding group, or no candidate at that layer).
+        log_q: ``[S, G]`` or ``[L, S, G]`` log sampling probability of each candidate (logQ
+            correction), or None.
+        valid: ``[L, S, G]`` False for candidates left out of the softmax (accidental hits:
+            a negative whose prefix equals the positive's at that depth), or None.
+
+    Returns:
+        ``[L]``: the weighted mean over groups of ``-log softmax(logits - log_q)[..., 0]``.
+    """
+    z = logits if log_q is None else logits - log_q.to(logits.dtype)
+    if valid is not None:
+        z = z.masked_fill(~valid, float("-inf"))
+    ce = torch.logsumexp(z, -1) - z[..., 0]  # [L, S]
+    w = weights.to(ce.dtype).expand_as(ce)
+    return (ce * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def u2t_distillation(u2t_hat: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 15: mean over layers of the row-weighted MSE ``||u2t_hat - sg[teacher]||^2 / d_c``."""
+    real = (weights > 0).to(u2t_hat.dtype)
+    per_layer = (((u2t_hat - teacher.detach()) ** 2).mean(-1) * real).sum(-1) / real.sum().clamp_min(1.0)
+    return per_layer.mean()
+
+
+class DIGLoss(nn.Module):
+    """Eq. 8 with the recall-objective options of :class:`~dig_torchrec.config.LossConfig`.
+
+    Args:
+        cfg: loss config.
+        num_items: catalog size (rows of the sampling log-probability table).
+        group_size: 1 + ``data.negatives_per_positive`` (rows per click in the retrieval rows).
+        device: buffer device ("meta" allowed).
+    """
+
+    def __init__(self, cfg: LossConfig, num_items: int, group_size: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if cfg.recall_objective not in ("bce", "softmax"):
+            raise ConfigError(f"config key 'loss.recall_objective' = {cfg.recall_objective!r}; must be bce or softmax")
+        self.cfg = cfg
+        self.group_size = group_size
+        # p(v) of the reader's negative sampler; set by set_sampling_distribution (the trainer).
+        # Not persistent: it is a function of the dataset and config, rebuilt at every start.
+        self.register_buffer("sampling_prob", torch.zeros(num_items, device=device), persistent=False)
+        self.has_sampling_prob = False
+
+    @torch.no_grad()
+    def set_sampling_distribution(self, sampling_prob: Optional[torch.Tensor], device: torch.device) -> None:
+        """Install the reader's negative-sampling ``p(v)`` ``[num_items]``; None = uniform (no correction needed).
+
+        Args:
+            sampling_prob: the reader's ``negative_sampling_prob()``.
+            device: the model's device (the buffer may still be on ``meta`` after DMP).
+        """
+        n = self.sampling_prob.shape[0]
+        if sampling_prob is None:
+            self.sampling_prob = torch.zeros(n, device=device)
+            self.has_sampling_prob = False
+            return
+        if sampling_prob.shape != (n,):
+            raise ValueError(f"sampling_prob has shape {tuple(sampling_prob.shape)}; the catalog has {n} items")
+        self.sampling_prob = sampling_prob.to(device=device, dtype=torch.float32)
+        self.has_sampling_prob = True
+
+    @property
+    def needs_prefix_index(self) -> bool:
+        """Whether :meth:`recall_per_layer` needs a :class:`CatalogPrefixIndex` (logQ at prefix level)."""
+        c = self.cfg
+        return c.recall_objective == "softmax" and c.logq_correction and self.has_sampling_prob
+
+    # ------------------------------------------------------------------ terms
+    def rank(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eq. 9."""
+        return weighted_bce(logits, labels, weights)
+
+    def recall_per_layer(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        sids: torch.Tensor,
+        grouped: bool,
+        prefix_index: Optional[CatalogPrefixIndex] = None,
+    ) -> torch.Tensor:
+        """The recall objective per layer ``[L]`` (Eq. 10 before the mean over layers).
+
+        Args:
+            logits: ``[L, N]`` recall logits of the rows.
+            labels, weights: ``[N]``.
+            sids: ``[N, L]`` SID of each row's item (accidental hits, prefix-level logQ).
+            grouped: the rows are click groups (positive then ``group_size - 1`` negatives).
+                ``softmax`` needs them; exposure rows (validation) get the BCE of Eq. 10.
+            prefix_index: the catalog index built with the sampling probabilities (when
+                :attr:`needs_prefix_index`).
+        """
+        if self.cfg.recall_objective == "bce" or not grouped:  # exposure rows (validation): Eq. 10's BCE
+            return weighted_bce(logits, labels[None].expand_as(logits), weights)
+        L, n = logits.shape
+        G = self.group_size
+        if n % G:
+            raise ValueError(f"{n} retrieval rows are not whole groups of {G} (1 + negatives_per_positive)")
+        S = n // G
+        groups = logits.view(L, S, G)
+        gsids = sids.view(S, G, L)
+        depth = torch.arange(1, L + 1, device=sids.device)
+        # a negative whose prefix c_1..c_l equals the positive's IS the positive's candidate at depth l
+        same = (gsids[:, 1:, :] == gsids[:, :1, :]).long().cumprod(-1)  # [S, G-1, L] prefix equal up to l
+        valid = torch.ones(L, S, G, dtype=torch.bool, device=sids.device)
+        valid[:, :, 1:] = ~(same.permute(2, 0, 1).bool())
+        log_q = None
+        if self.needs_prefix_index:
+            if prefix_index is None:
+                raise ValueError("recall_per_layer: prefix-level logQ needs prefix_index")
+            flat = sids.view(n, L)
+            log_q = torch.stack([prefix_index.prefix_mass(flat, int(l)).clamp_min(1e-12).log() for l in depth])
+            log_q = log_q.view(L, S, G)
+        return sampled_softmax(groups, weights.view(S, G)[:, 0], log_q, valid)
+
+    def combine(self, terms: Dict[str, torch.Tensor], gate: float) -> torch.Tensor:
+        """Eq. 8 from the unweighted terms; ``gate`` is 0 during the rank-path warm-up, else 1."""
+        c = self.cfg
+        return (
+            terms["rank"]
+            + gate * c.recall_loss_weight * terms["recall"]
+            + gate * c.commit_weight * terms["commit"]
+            + gate * c.sem_weight * terms["sem"]
+            + gate * c.u2t_weight * terms["u2t"]
+        )
+
+    def reduce_layers(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """Eq. 10's mean over layers, or the last layer only (Ablation 4)."""
+        return per_layer.mean() if self.cfg.recall_supervision == "all_layers" else per_layer[-1]

@@ -1,0 +1,83 @@
+"""Retrieval validation during training and the ``checkpoints/best`` selection (train.select_metric)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dig_torchrec.config import load_config
+from dig_torchrec.errors import ConfigError
+from dig_torchrec.training.checkpoint import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(data: Path, run_dir: Path, *extra: str):
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}", f"run_dir={run_dir}", "data.batch_size=64", "data.eval_batch_size=256",
+            "data.history_length=5", "data.retrieval_positives=16", "data.negatives_per_positive=3",
+            "data.shuffle_buffer=1024", "tokenizer.init_after_steps=2", "train.log_every=2",
+            "train.val_max_batches=1", "train.keep_latest_k=1", *extra,
+        ],
+    )
+
+
+def test_best_checkpoint_is_the_argmax_of_the_logged_validation_metric(tiny_dataset: Path, tmp_path: Path) -> None:
+    from dig_torchrec.retrieval.validation import RetrievalValidator
+    from dig_torchrec.training.trainer import Trainer
+
+    run = tmp_path / "r"
+    cfg = _cfg(tiny_dataset, run, "train.max_steps=12", "train.val_every=3", "train.val_retrieval_users=40",
+               "train.select_metric=recall@10", "eval.beam_size=8", "train.lr=0.01")
+    trainer = Trainer(cfg, retrieval_validator=RetrievalValidator)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in logged if r["kind"] == "valid" and r.get("valid/recall@10") is not None]
+    assert [r["step"] for r in valid] == [3, 6, 9, 12]
+    for r in valid:
+        assert 0.0 <= r["valid/recall@10"] <= 1.0 and 0.0 <= r["valid/ndcg@10"] <= r["valid/recall@10"] + 1e-9
+        assert all(0.0 < r[f"valid/sid_utilization_l{l}"] <= 1.0 for l in (1, 2, 3))
+    churn = [r["valid/sid_churn"] for r in valid]
+    assert churn[0] is None and all(0.0 <= c <= 1.0 for c in churn[1:])  # nothing to compare at the first one
+    values = [r["valid/recall@10"] for r in valid]
+    want = valid[values.index(max(values))]["step"]  # first argmax: ties keep the earlier checkpoint
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "recall@10" and best["step"] == want and best["value"] == pytest.approx(max(values))
+    link = run / "checkpoints" / "best"
+    assert link.is_symlink() and link.resolve() == (run / "checkpoints" / f"step-{want}").resolve()
+    assert (link / "COMPLETE").is_file()
+    # keep_latest_k=1 prunes every other step, never the best one
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert f"step-{want}" in steps and "step-12" in steps and len(steps) <= 2
+
+
+def test_mark_best_moves_the_link_and_pruning_spares_its_target(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_latest_k=2)
+    for step in (1, 2, 3, 4):
+        d = mgr.dir / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "COMPLETE").write_text("x")
+        (d / ".metadata").write_text("x")
+        if step == 1:
+            mgr.mark_best(d, "rank_auc", 0.7, step)
+    mgr._prune()
+    names = sorted(p.name for p in mgr.dir.glob("step-*"))
+    assert names == ["step-1", "step-4"]  # k=2: the best plus the newest
+    mgr.mark_best(mgr.dir / "step-4", "rank_auc", 0.8, 4)
+    assert mgr.read_best()["step"] == 4 and (mgr.dir / "best").resolve().name == "step-4"
+
+
+def test_select_metric_recall_needs_retrieval_validation() -> None:
+    with pytest.raises(ConfigError, match="train.val_retrieval_users"):
+        load_config(None, ["train.select_metric=recall@10"])
+    with pytest.raises(ConfigError, match="train.select_metric"):
+        load_config(None, ["train.select_metric=loss"])
