@@ -144,9 +144,9 @@ def test_tokenizer_gumbel_noise_decays_linearly_to_zero_then_assigns_argmin():
     assert tok.gumbel_noise_scale() == 0.0  # before init: no noise
     tok.initialized.fill_(1)
     assert tok.gumbel_noise_scale() == 1.5
-    tok.steps_since_init.fill_(4)
+    tok.steps_since_init = 4
     assert abs(tok.gumbel_noise_scale() - 1.5 * 0.6) < 1e-9
-    tok.steps_since_init.fill_(10)
+    tok.steps_since_init = 10
     assert tok.gumbel_noise_scale() == 0.0
     tok.quantizer.codebooks.normal_()
     tok.train()
@@ -172,7 +172,7 @@ def test_tokenizer_freeze_after_steps_stops_codebooks_and_sids():
         out = tok.quantize(torch.randn(16, 1, 2) * 3, ids)
         tok.training_update(out, ids, mask)
         assert not torch.equal(before, tok.quantizer.codebooks)
-    assert tok.ema_frozen and int(tok.steps_since_init) == 2
+    assert tok.ema_frozen and tok.steps_since_init == 2
     frozen_books, frozen_table = tok.quantizer.codebooks.clone(), tok.item_sid_table.clone()
     e_v = torch.randn(16, 1, 2) * 3
     out = tok.quantize(e_v, ids)

@@ -68,8 +68,9 @@ class DIGTokenizer(nn.Module):
         )
         self.register_buffer("initialized", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("init_collision_rate", torch.zeros((), device=device))  # Eq. 2 right after init
-        # training steps since init: drives tokenizer.freeze_after_steps and the Gumbel noise decay
-        self.register_buffer("steps_since_init", torch.zeros((), dtype=torch.long, device=device))
+        # EMA steps since init: drives tokenizer.freeze_after_steps and the Gumbel noise decay. A plain int
+        # (no host sync, not in checkpoints): the trainer restores it from the step on resume.
+        self.steps_since_init = 0
         self._collision_rate: Optional[float] = None
         self._step_stats: Optional[Dict[str, torch.Tensor]] = None
 
@@ -85,7 +86,7 @@ class DIGTokenizer(nn.Module):
     def ema_frozen(self) -> bool:
         """Codebooks no longer move: ``tokenizer.frozen``, or ``freeze_after_steps`` steps after init."""
         every = self.cfg.freeze_after_steps
-        return self.cfg.frozen or (every > 0 and self.is_initialized and int(self.steps_since_init) >= every)
+        return self.cfg.frozen or (every > 0 and self.is_initialized and self.steps_since_init >= every)
 
     def gumbel_noise_scale(self) -> float:
         """Relative Gumbel noise of the training assignment (``tokenizer.assignment=gumbel``).
@@ -96,7 +97,7 @@ class DIGTokenizer(nn.Module):
         c = self.cfg
         if c.assignment != "gumbel" or c.gumbel_decay_steps <= 0 or not self.is_initialized:
             return 0.0
-        return c.gumbel_scale * max(0.0, 1.0 - int(self.steps_since_init) / c.gumbel_decay_steps)
+        return c.gumbel_scale * max(0.0, 1.0 - self.steps_since_init / c.gumbel_decay_steps)
 
     def quantize(self, e_v: torch.Tensor, item_ids: torch.Tensor) -> QuantizerOutput:
         """SIDs and residuals of a batch: Eq. 2 argmin (with exploration noise in training when
@@ -118,7 +119,7 @@ class DIGTokenizer(nn.Module):
             return
         if self.ema_frozen:  # tokenizer.freeze_after_steps reached: SIDs stay as they are
             return
-        self.steps_since_init.add_(1)
+        self.steps_since_init += 1
         self.quantizer.ema_update(out, mask)
         self._step_stats = self.quantizer.last_stats
         ids, sids = item_ids[mask], out.sids[mask]
@@ -158,7 +159,7 @@ class DIGTokenizer(nn.Module):
         self.quantizer.load_initial_codebooks(codebooks, sids)
         self.item_sid_table.copy_(sids)
         self.initialized.fill_(1)
-        self.steps_since_init.zero_()
+        self.steps_since_init = 0
         eq2 = self.quantizer.assign(flat.to(device))
         self.init_collision_rate.fill_(collision_rate(eq2, self.num_codes))
         self._collision_rate = None
