@@ -8,8 +8,9 @@
 2. Training: ``torchx run -s local_cwd launch/components.py:train`` with 2 local workers
    (torchrun under the hood) and ``--resume auto``, so a rerun continues (or just
    re-validates) the run in ``OUT/train`` instead of starting over.
-3. Evaluation: ``dig eval`` (Recall/NDCG@K, AUCs) when the retrieval layer is installed,
-   else the trainer's final validation metrics.
+3. Evaluation: ``dig eval`` (Recall/NDCG@K, AUCs) of ``checkpoints/best`` (the best
+   validation ``train.select_metric``; ``--last`` takes the last step) when the retrieval
+   layer is installed, else the trainer's final validation metrics.
 4. Export: ``dig export`` into ``OUT/export`` when available (rewritten on every run).
 5. A short summary: rank AUC, recall AUC, where the checkpoint and the bundle are.
 """
@@ -132,6 +133,17 @@ def export(checkpoint: Path, out: Path) -> Optional[Path]:
     return out
 
 
+def best_checkpoint(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """``checkpoints/best.json`` of ``run_dir`` plus the resolved ``path``, or None if there is no best yet."""
+    from dig_torchrec.training.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(run_dir)
+    best = mgr.read_best()
+    if best is None:
+        return None
+    return {**best, "path": str((mgr.dir / best["checkpoint"]).resolve())}
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
 
@@ -145,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=3,
                    help="training epochs (keeps the demo to a few minutes on 2 cores; 0: the config's train.epochs)")
     p.add_argument("--eval-users", type=int, default=500, help="users in the retrieval evaluation (0: all)")
+    p.add_argument("--last", action="store_true",
+                   help="evaluate/export the last checkpoint instead of checkpoints/best (train.select_metric)")
     p.add_argument("overrides", nargs="*", help="extra config overrides for training, e.g. train.epochs=2")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -155,6 +169,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     extra = ([f"train.epochs={args.epochs}"] if args.epochs > 0 else []) + list(args.overrides)
     final = train(config, data, out / "train", args.nproc, extra)
     checkpoint = Path(final["checkpoint"])
+    best = best_checkpoint(out / "train")
+    if best is not None and not args.last:
+        logger.info("evaluating and exporting checkpoints/best (%s = %.4f at step %d) instead of the last step",
+                    best["metric"], best["value"], best["step"])
+        checkpoint = Path(best["path"])
     metrics = final["metrics"]
     ev = evaluate(checkpoint, out / "eval.json", args.eval_users)
     bundle = export(checkpoint, out / "export")
@@ -175,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if key in ev:
                 lines.append(f"{key:<12}: {_fmt(ev[key])}")
     lines += [
-        f"checkpoint  : {checkpoint}",
+        f"checkpoint  : {checkpoint}{'  (checkpoints/best by ' + best['metric'] + ')' if best and not args.last else ''}",
         f"export      : {bundle if bundle else 'skipped'}",
         f"metrics     : {out / 'train' / 'metrics.jsonl'} (TensorBoard: {out / 'train' / 'tensorboard'})",
         f"time        : {time.perf_counter() - t0:.0f}s",

@@ -58,3 +58,19 @@ def test_a_damaged_evaluation_file_is_not_reused(tmp_path, fake_eval):
     out.write_text("{truncated")
     assert demo.evaluate(ckpt, out, 500) == {"rank_auc": 0.52}
     assert len(fake_eval) == 2
+
+
+def test_demo_takes_the_best_checkpoint_when_the_run_marked_one(tmp_path):
+    from dig_torchrec.demo import best_checkpoint
+    from dig_torchrec.training.checkpoint import CheckpointManager
+
+    assert best_checkpoint(tmp_path) is None  # no checkpoints yet: the demo keeps the last step
+    mgr = CheckpointManager(tmp_path)
+    for step in (10, 20):
+        d = mgr.dir / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "COMPLETE").write_text("x")
+        (d / ".metadata").write_text("x")
+    mgr.mark_best(mgr.dir / "step-10", "recall@10", 0.12, 10)
+    best = best_checkpoint(tmp_path)
+    assert best["step"] == 10 and best["path"] == str((mgr.dir / "step-10").resolve())
