@@ -65,6 +65,10 @@ class TokenizerConfig:
     # dead-code threshold unit: per_step = EMA items per step (dead_code_threshold as is); catalog = a share
     # of an average catalog item's traffic (threshold x rows per step / num_items), which scales with the catalog
     dead_code_rule: str = "per_step"
+    # Eq. 5's e_sid^(1:l): sum of per-layer token embeddings, or that sum plus a hashed embedding of the whole
+    # prefix (c_1..c_l), so a depth-l embedding depends on every earlier token (table sid_prefix, sid_prefix_buckets rows)
+    sid_embedding: str = "sum"  # sum | sum+prefix
+    sid_prefix_buckets: int = 0  # rows of the hashed prefix table; 0 = auto: min(num_items x L, 2^20)
     assignment: str = "argmin"  # argmin (Eq. 2) | gumbel (DIGER-style exploration noise, decayed to argmin)
     gumbel_scale: float = 1.0  # initial Gumbel noise scale, relative to the mean squared distance to codes
     gumbel_decay_steps: int = 0  # linear decay of the noise to 0 over this many steps after init (0 = no noise)
@@ -193,6 +197,7 @@ _CHOICES = {
     "u2t.teacher": ("bucket_mean", "leave_one_out"),
     "tokenizer.dead_code_rule": ("per_step", "catalog"),
     "tokenizer.assignment": ("argmin", "gumbel"),
+    "tokenizer.sid_embedding": ("sum", "sum+prefix"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adam", "sgd"),
     "train.nan_policy": ("error", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -225,6 +230,7 @@ _NON_NEGATIVE = (
     "train.val_retrieval_users",
     "tokenizer.freeze_after_steps",
     "tokenizer.gumbel_decay_steps",
+    "tokenizer.sid_prefix_buckets",
     "tokenizer.gumbel_scale",
     "loss.prefix_negatives",
     "loss.prefix_negatives_weight",

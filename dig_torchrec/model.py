@@ -57,6 +57,38 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 SID_TABLE = "sid"
+SID_PREFIX_TABLE = "sid_prefix"  # tokenizer.sid_embedding=sum+prefix: hashed (c_1..c_l) embeddings
+_PREFIX_HASH_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # 64-bit golden-ratio multiplier, as a signed int64
+
+
+def sid_prefix_hash_key(layer: int) -> str:
+    """KJT key of the hashed whole-prefix id of depth ``layer`` (1-based)."""
+    return f"sid_prefix_hash_{layer}"
+
+
+def prefix_buckets(num_items: int, num_layers: int, configured: int) -> int:
+    """Rows of the hashed prefix table: ``tokenizer.sid_prefix_buckets`` or ``min(|V| L, 2^20)``.
+
+    A catalog has at most ``|V| L`` occupied prefixes over all depths, so the auto size is
+    that, capped at 2^20 rows (at 500K items and F_enc*d = 256: 1.07 GB of fp32, sharded
+    like the other tables).
+    """
+    return configured if configured > 0 else min(num_items * num_layers, 1 << 20)
+
+
+def hash_prefix(prefix: torch.Tensor, num_codes: int, buckets: int) -> torch.Tensor:
+    """``[N, l]`` tokens -> ``[N]`` bucket ids in ``[0, buckets)``, a different hash per depth l.
+
+    The prefix is packed into an int64 (K^L < 2^62 is checked at model build), mixed by a
+    multiplicative hash that wraps in int64 arithmetic, and reduced modulo ``buckets``.
+    """
+    depth = prefix.shape[1]
+    code = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
+    for i in range(depth):
+        code = code * num_codes + prefix[:, i].long()
+    mixed = (code + depth * 0x632BE5AB) * _PREFIX_HASH_MULT
+    mixed = mixed ^ (mixed >> 29)
+    return torch.remainder(mixed, buckets)
 __all__ = ["DIGModel", "DIGOutput", "UserContext", "LOSS_KEYS", "sid_prefix_key"]
 
 
@@ -179,14 +211,23 @@ class DIGModel(nn.Module):
                 feature_names=features, pooling=PoolingType.SUM, **init,
             ))
         self.embedding_bags = EmbeddingBagCollection(tables=tables, device=device)
-        self.sid_embedding_bags = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(
-                name=SID_TABLE, embedding_dim=target_dim, num_embeddings=tok.num_layers * tok.num_codes,
-                feature_names=[sid_prefix_key(l) for l in range(1, tok.num_layers + 1)], pooling=PoolingType.SUM,
-                **init,
-            )],
-            device=device,
-        )
+        sid_tables = [EmbeddingBagConfig(
+            name=SID_TABLE, embedding_dim=target_dim, num_embeddings=tok.num_layers * tok.num_codes,
+            feature_names=[sid_prefix_key(l) for l in range(1, tok.num_layers + 1)], pooling=PoolingType.SUM,
+            **init,
+        )]
+        self.prefix_conditioned = tok.sid_embedding == "sum+prefix"
+        self.num_prefix_buckets = 0
+        if self.prefix_conditioned:
+            if tok.num_codes ** tok.num_layers >= 2**62:
+                raise ConfigError("tokenizer.sid_embedding=sum+prefix needs num_codes ** num_layers < 2^62")
+            self.num_prefix_buckets = prefix_buckets(meta.num_items, tok.num_layers, tok.sid_prefix_buckets)
+            sid_tables.append(EmbeddingBagConfig(
+                name=SID_PREFIX_TABLE, embedding_dim=target_dim, num_embeddings=self.num_prefix_buckets,
+                feature_names=[sid_prefix_hash_key(l) for l in range(1, tok.num_layers + 1)],
+                pooling=PoolingType.SUM, **init,
+            ))
+        self.sid_embedding_bags = EmbeddingBagCollection(tables=sid_tables, device=device)
         self._all_keys: List[str] = self.schema.keys
 
         # --- tokenizer (Eq. 1-4) ---
@@ -238,31 +279,48 @@ class DIGModel(nn.Module):
         idx = [kjt.keys().index(k) for k in self.history_keys]
         return lengths[idx].t() > 0
 
+    def _sid_kjt(self, prefixes: Dict[int, torch.Tensor], n: int, device: torch.device) -> KeyedJaggedTensor:
+        """The SID KJT for the given depths ``{l: [n, l] tokens}``; other depths get empty bags."""
+        keys, values, lengths = [], [], []
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        zeros = torch.zeros(n, dtype=torch.int32, device=device)
+        for l in range(1, self.num_layers + 1):
+            keys.append(sid_prefix_key(l))
+            if l in prefixes:
+                offsets = torch.arange(l, device=device) * self.num_codes
+                values.append((prefixes[l] + offsets[None]).reshape(-1))
+                lengths.append(torch.full((n,), l, dtype=torch.int32, device=device))
+            else:
+                values.append(empty)
+                lengths.append(zeros)
+        if self.prefix_conditioned:
+            for l in range(1, self.num_layers + 1):
+                keys.append(sid_prefix_hash_key(l))
+                if l in prefixes:
+                    values.append(hash_prefix(prefixes[l], self.num_codes, self.num_prefix_buckets))
+                    lengths.append(torch.ones(n, dtype=torch.int32, device=device))
+                else:
+                    values.append(empty)
+                    lengths.append(zeros)
+        return make_kjt(keys, values, lengths)
+
+    def _pooled_prefix(self, pooled: Dict[str, torch.Tensor], l: int) -> torch.Tensor:
+        """Eq. 5 at depth l from the pooled SID features (plus the whole-prefix embedding if enabled)."""
+        e = pooled[sid_prefix_key(l)]
+        return e + pooled[sid_prefix_hash_key(l)] if self.prefix_conditioned else e
+
     def _sid_prefix_embeddings(self, sids: torch.Tensor) -> torch.Tensor:
         """Eq. 5 for every layer: ``sids [N, L]`` -> e_sid^(1:l) ``[L, N, F_enc*d]``."""
         n, num_layers = sids.shape
-        offsets = torch.arange(num_layers, device=sids.device) * self.num_codes
-        ids = sids + offsets[None]
-        keys = [sid_prefix_key(l) for l in range(1, num_layers + 1)]
-        values = [ids[:, :l].reshape(-1) for l in range(1, num_layers + 1)]
-        lengths = [torch.full((n,), l, dtype=torch.int32, device=sids.device) for l in range(1, num_layers + 1)]
-        pooled = self.sid_embedding_bags(make_kjt(keys, values, lengths)).to_dict()
-        return torch.stack([pooled[k] for k in keys], 0)
+        kjt = self._sid_kjt({l: sids[:, :l] for l in range(1, num_layers + 1)}, n, sids.device)
+        pooled = self.sid_embedding_bags(kjt).to_dict()
+        return torch.stack([self._pooled_prefix(pooled, l) for l in range(1, num_layers + 1)], 0)
 
     def _sid_prefix_embedding_at(self, sid_prefix: torch.Tensor) -> torch.Tensor:
         """Eq. 5 at one depth: ``sid_prefix [N, l]`` -> e_sid^(1:l) ``[N, F_enc*d]``."""
         n, depth = sid_prefix.shape
-        offsets = torch.arange(depth, device=sid_prefix.device) * self.num_codes
-        keys = [sid_prefix_key(l) for l in range(1, self.num_layers + 1)]
-        values, lengths = [], []
-        for l in range(1, self.num_layers + 1):
-            if l == depth:
-                values.append((sid_prefix + offsets[None]).reshape(-1))
-                lengths.append(torch.full((n,), depth, dtype=torch.int32, device=sid_prefix.device))
-            else:
-                values.append(torch.empty(0, dtype=torch.long, device=sid_prefix.device))
-                lengths.append(torch.zeros(n, dtype=torch.int32, device=sid_prefix.device))
-        return self.sid_embedding_bags(make_kjt(keys, values, lengths)).to_dict()[sid_prefix_key(depth)]
+        pooled = self.sid_embedding_bags(self._sid_kjt({depth: sid_prefix}, n, sid_prefix.device)).to_dict()
+        return self._pooled_prefix(pooled, depth)
 
     def _loss_gate(self) -> float:
         """1 once the tokenizer is initialised, 0 during the rank-path warm-up."""
