@@ -114,7 +114,8 @@ class LossConfig:
     sem_weight: float = 0.1  # lambda_2
     u2t_weight: float = 0.1  # lambda_3
     recall_supervision: str = "all_layers"  # all_layers | last_layer
-    recall_samples: str = "retrieval"  # retrieval | exposure
+    recall_samples: str = "retrieval"  # retrieval | exposure | retrieval+exposure
+    exposure_recall_weight: float = 1.0  # retrieval+exposure: weight of the exposure rows' BCE inside L_recall
     recall_objective: str = "bce"  # bce (Eq. 10) | softmax (sampled softmax per click over its negatives, per layer)
     logq_correction: bool = True  # softmax: subtract log Q(prefix) of the negative sampler (popularity sampling)
     prefix_negatives: int = 0  # extra softmax term: per click and layer l, items sharing c_<l but not c_l
@@ -192,7 +193,7 @@ _CHOICES = {
     "u2t.inference": ("mlp", "stat_mean", "none"),
     "u2t.grouping": ("bucket", "user_bucket"),
     "loss.recall_supervision": ("all_layers", "last_layer"),
-    "loss.recall_samples": ("retrieval", "exposure"),
+    "loss.recall_samples": ("retrieval", "exposure", "retrieval+exposure"),
     "loss.recall_objective": ("bce", "softmax"),
     "u2t.teacher": ("bucket_mean", "leave_one_out"),
     "tokenizer.dead_code_rule": ("per_step", "catalog"),
@@ -234,6 +235,7 @@ _NON_NEGATIVE = (
     "tokenizer.gumbel_scale",
     "loss.prefix_negatives",
     "loss.prefix_negatives_weight",
+    "loss.exposure_recall_weight",
 )
 
 

@@ -383,27 +383,34 @@ class DIGModel(nn.Module):
         )
         rank_loss = self.criterion.rank(rank_logits, batch.labels, batch.weights)  # Eq. 9
 
-        # which rows feed L_recall, the teacher and L_u2t
-        if training and cfg.loss.recall_samples == "retrieval":
-            if R == 0:
-                raise DataError(
-                    "training batch has no retrieval rows (batch.retrieval_labels is empty) but "
-                    "loss.recall_samples=retrieval; read it with with_retrieval=True"
-                )
-            rows, rows_are_retrieval = slice(B, B + R), True
-            u2i_r, labels_r, weights_r = batch.retrieval_u2i, batch.retrieval_labels, batch.retrieval_weights
-        else:
-            rows, rows_are_retrieval = slice(0, B), False
-            u2i_r, labels_r, weights_r = batch.u2i, batch.labels, batch.weights
+        # which rows feed L_recall, the teacher and L_u2t: the retrieval rows (click groups), the
+        # exposure rows, or both (loss.recall_samples=retrieval+exposure: groups first, then exposures)
+        mode = cfg.loss.recall_samples if training else "exposure"
+        if mode != "exposure" and R == 0:
+            raise DataError(
+                "training batch has no retrieval rows (batch.retrieval_labels is empty) but "
+                f"loss.recall_samples={mode}; read it with with_retrieval=True"
+            )
+        parts = []  # (row indices, u2i, labels, weights, are retrieval rows)
+        if mode != "exposure":
+            parts.append((torch.arange(B, B + R, device=e_u.device), batch.retrieval_u2i, batch.retrieval_labels,
+                          batch.retrieval_weights, True))
+        if mode != "retrieval":
+            parts.append((torch.arange(0, B, device=e_u.device), batch.u2i, batch.labels, batch.weights, False))
         # the recall path runs on the real (weight > 0) rows only: padding slots (a batch with
         # fewer clicks than retrieval slots) add nothing to the losses, and would both cost
         # L Mixer passes each and pollute the BN_u / BN_sid / BN_u2t batch statistics
-        rows = torch.arange(rows.start, rows.stop, device=e_u.device)
-        keep = (weights_r > 0).nonzero().squeeze(-1)
-        if 2 <= keep.numel() < weights_r.numel():  # BN in training needs 2 rows; else keep all
-            rows, u2i_r, labels_r, weights_r = rows[keep], u2i_r[keep], labels_r[keep], weights_r[keep]
-        # exposure rows reuse the rank path's BN_u call (they are rows 0..B-1 of it)
-        user_norm_r = self.bn_u(e_u[rows]) if rows_are_retrieval else user_norm_exp[rows]
+        kept = []
+        for idx, u2i_p, lab_p, w_p, is_ret in parts:
+            keep = (w_p > 0).nonzero().squeeze(-1)
+            if 2 <= keep.numel() < w_p.numel():  # BN in training needs 2 rows; else keep all
+                idx, u2i_p, lab_p, w_p = idx[keep], u2i_p[keep], lab_p[keep], w_p[keep]
+            # exposure rows reuse the rank path's BN_u call (they are rows 0..B-1 of it)
+            kept.append((idx, u2i_p, lab_p, w_p, self.bn_u(e_u[idx]) if is_ret else user_norm_exp[idx]))
+        rows = torch.cat([k[0] for k in kept])
+        u2i_r, labels_r, weights_r = (torch.cat([k[i] for k in kept]) for i in (1, 2, 3))
+        user_norm_r = torch.cat([k[4] for k in kept]) if len(kept) > 1 else kept[0][4]
+        num_grouped = kept[0][0].numel() if mode != "exposure" else 0  # leading rows that are click groups
         sids_r = q.sids[rows]
         n = sids_r.shape[0]
         L = self.num_layers
@@ -429,9 +436,10 @@ class DIGModel(nn.Module):
             hist[rows],
             hist_mask[rows],
         )
-        # click groups (positive + negatives) exist on the retrieval rows; padding slots drop whole groups
-        grouped = rows_are_retrieval
+        # click groups (positive + negatives) lead the rows; padding slots drop whole groups
         crit = self.criterion
+        grouped = num_grouped > 0
+        g_rows = slice(0, num_grouped) if grouped else slice(0, n)
         prefix_index = None
         needs_index = grouped and (crit.needs_prefix_index or cfg.loss.prefix_negatives > 0)
         if needs_index and self.tokenizer.is_initialized:
@@ -439,12 +447,18 @@ class DIGModel(nn.Module):
                 self.tokenizer.item_sid_table, self.num_codes, crit.sampling_prob if crit.has_sampling_prob else None
             )
         if grouped and crit.needs_prefix_index and prefix_index is None:  # warm-up: gate is 0, any finite value
-            per_layer = sampled_softmax(recall_logits.view(L, -1, crit.group_size), weights_r.view(-1, crit.group_size)[:, 0])
+            per_layer = sampled_softmax(recall_logits[:, g_rows].reshape(L, -1, crit.group_size),
+                                        weights_r[g_rows].reshape(-1, crit.group_size)[:, 0])
         else:
-            per_layer = crit.recall_per_layer(recall_logits, labels_r, weights_r, sids_r, grouped, prefix_index)
+            per_layer = crit.recall_per_layer(recall_logits[:, g_rows], labels_r[g_rows], weights_r[g_rows],
+                                              sids_r[g_rows], grouped, prefix_index)
+        if grouped and num_grouped < n:  # retrieval+exposure: Eq. 10's BCE on the exposure rows as well
+            e_rows = slice(num_grouped, n)
+            per_layer = per_layer + cfg.loss.exposure_recall_weight * crit.recall_per_layer(
+                recall_logits[:, e_rows], labels_r[e_rows], weights_r[e_rows], sids_r[e_rows], False)
         if training and grouped and cfg.loss.prefix_negatives > 0:
-            sib = self._prefix_negative_loss(e_u[rows], user_norm_r, hist[rows], hist_mask[rows], sids_r, weights_r,
-                                             prefix_index)
+            sib = self._prefix_negative_loss(e_u[rows[g_rows]], user_norm_r[g_rows], hist[rows[g_rows]],
+                                             hist_mask[rows[g_rows]], sids_r[g_rows], weights_r[g_rows], prefix_index)
             per_layer = per_layer + cfg.loss.prefix_negatives_weight * sib
         recall_loss = crit.reduce_layers(per_layer)  # Eq. 10
         u2t_loss = u2t_distillation(u2t_hat, teacher, weights_r)  # Eq. 15

@@ -190,3 +190,27 @@ def test_train_mlp_prob_one_feeds_the_mlp_estimate():
 def test_bad_recall_options_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_retrieval_plus_exposure_adds_the_exposure_rows_bce():
+    """loss.recall_samples=retrieval+exposure: click-group softmax plus Eq. 10's BCE on the exposure rows."""
+    cfg = tiny_config(loss={"recall_objective": "softmax", "recall_samples": "retrieval+exposure",
+                            "exposure_recall_weight": 0.5})
+    torch.manual_seed(0)
+    meta = tiny_meta()
+    model = DIGModel(cfg, meta)
+    model.eval()
+    model.initialize_tokenizer(all_item_e_v(model, meta))
+    model.train()
+    G = 1 + cfg.data.negatives_per_positive
+    B = 16
+    batch = make_batch(meta, B=B, R=4 * G, seed=3)
+    parts = model.forward_parts(batch)
+    logits = parts["output"].recall_logits  # [L, 4G + B]: groups first, then the exposure rows
+    assert logits.shape[1] == 4 * G + B
+    sids = torch.cat([parts["sids"][B:], parts["sids"][:B]])
+    groups = model.criterion.recall_per_layer(logits[:, :4 * G], batch.retrieval_labels, batch.retrieval_weights,
+                                              sids[:4 * G], grouped=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, 4 * G:], batch.labels[None].expand(logits.shape[0], -1), reduction="none").mean(1)
+    torch.testing.assert_close(parts["recall_per_layer"].detach(), groups + 0.5 * bce, rtol=1e-5, atol=1e-6)
