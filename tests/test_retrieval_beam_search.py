@@ -252,3 +252,43 @@ def test_ancestor_ranks_match_a_brute_force_ranking_and_explain_beam_misses():
     found = set(beam_search(fake, 1, index, B).codes[0].tolist())
     lost = [int(c) for c, r in zip(leaves, ranks[0]) if r >= B]
     assert lost and not found.intersection(lost)
+
+
+class MaxHeapScorer:
+    """A planted max-heap scorer: a prefix scores the max of its descendant leaves' scores (TDM's property)."""
+
+    def __init__(self, index: SidIndex, num_users: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.index = index
+        self.leaf_scores = torch.randn(num_users, index.leaf_codes.numel(), generator=g)  # [U, occupied leaves]
+        self.K, self.L = index.num_codes, index.num_layers
+
+    def prefix_table(self, depth: int) -> tuple:
+        """(sorted depth-l codes, [U, codes] max leaf score under each)."""
+        codes = self.index.valid_codes(depth)
+        parent = self.index.leaf_codes // (self.K ** (self.L - depth))  # each leaf's depth-l ancestor
+        pos = torch.searchsorted(codes, parent)
+        table = torch.full((self.leaf_scores.shape[0], codes.numel()), float("-inf"))
+        table = table.scatter_reduce(1, pos.expand_as(self.leaf_scores), self.leaf_scores, reduce="amax")
+        return codes, table
+
+    def __call__(self, user_index: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        codes, table = self.prefix_table(prefix.shape[1])
+        col = torch.searchsorted(codes, encode_prefix(prefix, self.K))
+        return table[user_index, col]
+
+
+@pytest.mark.parametrize("beam_size", [10, 16])
+def test_beam_search_finds_the_exhaustive_top10_under_a_max_heap_scorer(beam_size):
+    """With prefix score = max over descendants, a beam of B >= 10 keeps every ancestor of the top-10 leaves."""
+    index = SidIndex(_random_sids(3000, K=8, L=4, seed=3), num_codes=8)
+    scorer = MaxHeapScorer(index, num_users=12, seed=4)
+    beam = beam_search(scorer, 12, index, beam_size)
+    exh = exhaustive_leaf_search(scorer, 12, index, 10)
+    for u in range(12):
+        assert set(beam.codes[u, :10].tolist()) == set(exh.codes[u, :10].tolist())
+    # without the property (Eq. 5's additive scorer) a narrow beam does lose top leaves
+    fake = FakeRecallPath(12, 8, 4, seed=5)
+    lossy = beam_search(fake, 12, index, 10)
+    full = exhaustive_leaf_search(fake, 12, index, 10)
+    assert any(set(lossy.codes[u].tolist()) != set(full.codes[u].tolist()) for u in range(12))
