@@ -75,6 +75,8 @@ def setup_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, LibraryChatterFilter) for f in handler.filters):
             handler.addFilter(LibraryChatterFilter(verbose))
+    if not verbose:  # torch's "is_fx_tracing will return true for both ..." notice on every traced call
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def interrupted(exc: BaseException) -> bool:

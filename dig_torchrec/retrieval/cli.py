@@ -141,6 +141,41 @@ def _parse_users(text: str) -> List[int]:
     return users
 
 
+def _check_users_have_targets(checkpoint: str, overrides: Sequence[str], split: str, users: List[int]) -> None:
+    """Every ``--users`` id has a leave-last-out target row (read from parquet before the model loads).
+
+    Skipped when the checkpoint's config or dataset cannot be read here; the loader then
+    names the problem.
+    """
+    import pyarrow.parquet as pq
+
+    from dig_torchrec.config import DIGConfig, _apply, parse_override
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint
+    from dig_torchrec.training.loading import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    try:
+        import yaml
+
+        cfg = DIGConfig()
+        _apply(cfg, yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+        for o in overrides:
+            _apply(cfg, parse_override(o))
+        path = Path(cfg.data.path) / "retrieval" / f"{split}.parquet"
+        if not (Path(cfg.data.path) / "meta.json").is_file():
+            return
+    except Exception:  # noqa: BLE001  the full load reports damaged inputs with their names
+        return
+    check_dataset_fingerprint(ckpt, cfg.data.path)  # another dataset: say so, not "user has no target"
+    try:
+        have = set(pq.read_table(path, columns=["user_id"]).column(0).to_pylist())
+    except Exception:  # noqa: BLE001  the full load reports damaged inputs with their names
+        return
+    missing = [u for u in users if u not in have]
+    if missing:
+        raise DataError(f"user {missing[0]} has no {split} retrieval target in {path}")
+
+
 def run_retrieve(args: argparse.Namespace) -> int:
     users = _parse_users(args.users)
     if args.topk <= 0:
@@ -148,6 +183,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
     check_out_file(args.out, (".json", ".parquet"), overwrite=args.force)
     check_overrides(args.overrides)
     check_checkpoint_arg(args.checkpoint)
+    _check_users_have_targets(args.checkpoint, args.overrides, args.split, users)
 
     import torch
 

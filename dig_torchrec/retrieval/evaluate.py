@@ -111,7 +111,12 @@ def load_inference_bundle(
 
     from dig_torchrec.training.loading import resolve_checkpoint
 
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
+
     ckpt = resolve_checkpoint(checkpoint)  # a run directory -> its newest complete checkpoint
+    wanted = apply_overrides(read_config(ckpt), overrides)  # bad overrides / another dataset: fail before loading
+    if (Path(wanted.data.path) / "meta.json").is_file():
+        check_dataset_fingerprint(ckpt, wanted.data.path)
     model, cfg, _ = load_for_inference(ckpt, require_tokenizer=True)
     cfg = apply_overrides(cfg, overrides)
     return bundle_from_model(model, cfg, ckpt, rebuild_index=rebuild_index, save_index=save_index)

@@ -14,6 +14,7 @@ is a :class:`CheckpointError` naming the damaged file.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -124,6 +125,13 @@ def check_tokenizer_initialized(model: Optional["DIGModel"], cfg: DIGConfig, pat
 TOKENIZER_FLAG = "model.tokenizer.initialized"
 
 
+def _load_no_dist(state: dict, path: Path) -> None:
+    """``dcp.load`` in one process, without DCP's "torch.distributed is disabled" UserWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+
+
 def check_saved_tokenizer(path: Path, cfg: DIGConfig) -> None:
     """:func:`check_tokenizer_initialized` from the checkpoint alone (one scalar is read), so
     ``dig export`` / ``dig eval`` refuse before building or loading the whole model.
@@ -138,7 +146,7 @@ def check_saved_tokenizer(path: Path, cfg: DIGConfig) -> None:
         return
     flag = {TOKENIZER_FLAG.split(".", 1)[1]: torch.zeros((), dtype=torch.long)}
     try:
-        dcp.load({"model": flag}, checkpoint_id=str(path), no_dist=True)
+        _load_no_dist({"model": flag}, path)
     except (Exception, CheckpointException):  # a damaged file: the full load names it
         return
     if int(next(iter(flag.values()))) != 1:
@@ -182,7 +190,7 @@ def load_for_inference(
     state = model.state_dict()
     check_state_shapes(path, state, "model")
     try:
-        dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+        _load_no_dist({"model": state}, path)
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
         from dig_torchrec.cli import interrupted
 
