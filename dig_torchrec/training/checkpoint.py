@@ -471,7 +471,7 @@ def check_dataset_fingerprint(checkpoint: str | Path, data_root: str | Path) -> 
                 a, b = a[:12], (b or "none")[:12]
             raise CheckpointError(
                 f"config key 'data.path' = '{data_root}' is not the dataset checkpoint {checkpoint} was trained on: "
-                f"{label} is {b} there but {a} in {f.name}; pass data.path=<its training dataset>"
+                f"{label} is {b} there but was {a} in training ({f.name}); pass data.path=<its training dataset>"
             )
 
 
