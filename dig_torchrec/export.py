@@ -232,18 +232,15 @@ def load_bundle(path: str | Path, *, verify: bool = False) -> Tuple[torch.nn.Mod
     """A serving bundle as ``(DIGModel in eval mode, DIGConfig, DatasetMeta)`` in one process.
 
     ``load_for_inference`` loads a bundle the same way (it is a complete DCP checkpoint
-    without optimizer state); this adds the manifest check.
+    without optimizer state) and checks every file's sha256 against the manifest first.
 
     Args:
         path: the bundle directory.
-        verify: check every file's sha256 against the manifest first.
+        verify: kept for compatibility: every load verifies the manifest now.
     """
     from dig_torchrec.training.loading import load_for_inference
 
-    if verify:
-        verify_bundle(path)
-    else:
-        read_manifest(path)
+    read_manifest(path)  # a bundle, not a bare checkpoint
     return load_for_inference(path)
 
 
