@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="start from step 0 even if run_dir holds checkpoints: its checkpoints/ and final_metrics.json are "
-             "deleted once the preflight checks pass",
+        help="start from step 0 even if run_dir holds checkpoints: the old run's checkpoints/, final_metrics.json, "
+             "metrics.jsonl, tensorboard/ and accounting/ are deleted once the preflight checks pass",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=1 run_dir=runs/x")
 
@@ -103,10 +103,14 @@ def check_fresh_start(run_dir: str | Path, resume: Optional[str], fresh: bool) -
         )
 
 
+# what a run leaves in run_dir; ``--fresh`` deletes these (config.yaml is rewritten anyway)
+RUN_OUTPUTS = ("checkpoints", "final_metrics.json", "metrics.jsonl", "tensorboard", "accounting")
+
+
 def clear_run_dir(run_dir: str | Path) -> None:
-    """``--fresh``: delete the previous run's checkpoints and final metrics (rank 0 only)."""
+    """``--fresh``: delete the previous run's outputs (:data:`RUN_OUTPUTS`; rank 0 only)."""
     p = Path(run_dir)
-    for name in ("checkpoints", "final_metrics.json"):
+    for name in RUN_OUTPUTS:
         target = p / name
         if target.is_dir():
             logger.warning("--fresh: deleting %s", target)
@@ -133,10 +137,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     from dig_torchrec.training.trainer import Trainer
 
+    if fresh and os.environ.get("RANK", "0") in ("", "0"):
+        from dig_torchrec.training.preflight import run_preflight
+
+        run_preflight(cfg)  # every check passes before anything of the old run is deleted
+        clear_run_dir(cfg.train.run_dir)
     trainer = Trainer(cfg, resume=resume)
     try:
-        if fresh and trainer.is_rank0:
-            clear_run_dir(cfg.train.run_dir)
         trainer.train()
     finally:
         trainer.close()
