@@ -38,6 +38,7 @@ from dig_torchrec.errors import DataError
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = ".dig_validated.json"
+CHECKS_VERSION = 2  # bump when deep_check gains a check, so older caches do not skip it
 MIN_TIMESTAMP = 0
 MAX_TIMESTAMP = 10**13  # Unix milliseconds until the year 2286 (seconds are far below)
 
@@ -267,7 +268,8 @@ def validate_dataset(root: str | Path, data_cfg: Optional[DataConfig] = None, *,
     if deep and use_cache and cache_path.exists():
         try:
             c = json.loads(cache_path.read_text())
-            cached = c.get("files") == fp and c.get("hash_ids") == data_cfg.hash_ids
+            cached = (c.get("files") == fp and c.get("hash_ids") == data_cfg.hash_ids
+                      and c.get("checks") == CHECKS_VERSION)
         except (OSError, json.JSONDecodeError):
             cached = False
     for split in SPLITS:
@@ -292,7 +294,7 @@ def validate_dataset(root: str | Path, data_cfg: Optional[DataConfig] = None, *,
     if deep and not cached and use_cache:
         try:  # atomic: several ranks may validate the same root at once
             tmp = cache_path.with_name(f"{CACHE_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"files": fp, "hash_ids": data_cfg.hash_ids}))
+            tmp.write_text(json.dumps({"files": fp, "hash_ids": data_cfg.hash_ids, "checks": CHECKS_VERSION}))
             os.replace(tmp, cache_path)
         except OSError:
             pass
