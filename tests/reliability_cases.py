@@ -302,22 +302,42 @@ def _overwrite_middle(path: Path, n: int = 4096, byte: int = 0xA5) -> None:
     path.write_bytes(bytes(data))
 
 
-def _nan_tensor(ckpt: Path) -> None:
-    """Fill the stored bytes of the largest float tensor with NaN (0xFF.. is a float32 NaN)."""
-    from dig_torchrec.training.checkpoint import read_dcp_metadata
-
-    md = read_dcp_metadata(ckpt)
-    best = max(((idx, info) for idx, info in md.storage_data.items()
-                if getattr(md.state_dict_metadata.get(idx.fqn), "properties", None) is not None
-                and md.state_dict_metadata[idx.fqn].properties.dtype == __import__("torch").float32),
-               key=lambda kv: kv[1].length)
-    idx, info = best
-    path = ckpt / info.relative_path
+def _garble_region(path: Path) -> None:
+    """Overwrite a tenth of a file, from a third of the way in, with pseudo-random bytes (same size)."""
     data = bytearray(path.read_bytes())
-    lo, hi = info.offset + info.length // 4, info.offset + info.length // 2
-    lo -= lo % 4
-    data[lo:hi] = b"\xff" * (hi - lo)
+    lo, n = len(data) // 3, max(8, len(data) // 10)
+    data[lo:lo + n] = np.random.default_rng(1).integers(0, 256, len(data[lo:lo + n]), dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
+
+
+def _flip_bytes(path: Path, n: int = 16) -> None:
+    """Add 1 to ``n`` bytes in the middle of a file (inside some tensor's data; same size)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+        data[i] = (data[i] + 1) % 256
+    path.write_bytes(bytes(data))
+
+
+def _nan_ckpt(ctx: "Ctx") -> str:
+    """The trained model re-saved (valid records and CRCs) with one NaN weight, bypassing the
+    trainer's refusal to write one (``check_finite=False``)."""
+    import torch
+
+    from dig_torchrec.training.checkpoint import CheckpointManager, read_config, read_dataset_meta
+    from dig_torchrec.training.loading import load_for_inference
+
+    model, _, _ = load_for_inference(ctx.ws.trained_ckpt)
+    name = next(n for n, p in model.named_parameters() if p.is_floating_point() and p.dim() == 2)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[0] = float("nan")
+    run = ctx.dir / ".nan-run"
+    path = CheckpointManager(run).save(TRAINED_STEPS, {"model": model.state_dict()},
+                                       config=read_config(ctx.ws.trained_ckpt),
+                                       dataset_meta=read_dataset_meta(ctx.ws.trained_ckpt), check_finite=False)
+    shutil.move(str(path), str(ctx.dir / "ckpt"))
+    shutil.rmtree(run)
+    return "ckpt"
 
 
 # raw files of the three public datasets (small, in the published layouts)
@@ -640,6 +660,12 @@ CASES: List[Case] = [
     Case("resume_truncated_tensors", "train", "`--resume auto` whose newest checkpoint has a truncated tensor file",
          r"^error: run/checkpoints/step-4/__0_0\.distcp: truncated \(\d+ bytes, the metadata needs \d+\)",
          _resume_trained(lambda d: _truncate(d / _DISTCP))),
+    Case("resume_garbled_tensors", "train", "`--resume auto` whose newest checkpoint has garbled bytes in its tensor file",
+         r"^error: run/checkpoints/step-4/__0_0\.distcp: tensor '.*' \(bytes \d+-\d+\) is not a whole record",
+         _resume_trained(lambda d: _garble_region(d / _DISTCP))),
+    Case("resume_flipped_bytes", "train", "`--resume auto` whose newest checkpoint has 16 changed bytes inside a tensor",
+         r"^error: run/checkpoints/step-4/__0_0\.distcp: tensor '.*' fails its CRC-32 check",
+         _resume_trained(lambda d: _flip_bytes(d / _DISTCP))),
     Case("resume_bad_rank_state", "train", "`--resume auto` whose newest checkpoint has a damaged `rank_state/rank-0.pt`",
          r"^error: run/checkpoints/step-4/rank_state/rank-0\.pt: unreadable, the checkpoint is damaged",
          _resume_trained(lambda d: _truncate(d / "rank_state" / "rank-0.pt", 0.3))),
@@ -652,9 +678,9 @@ CASES: List[Case] = [
     Case("eval_bundle_bytes", "eval", "bundle whose `__0_0.distcp` has overwritten bytes (same size)",
          r"^error: bundle/__0_0\.distcp: sha256 differs from manifest\.json",
          _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_bd(lambda d: _overwrite_middle(d / _DISTCP))), issue=1),
-    Case("eval_nan_weights", "eval", "checkpoint whose largest tensor holds NaN",
-         r"^error: ckpt/__0_0\.distcp: tensor 'model\..*' holds NaN/inf",
-         _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(_nan_tensor)), issue=1),
+    Case("eval_nan_weights", "eval", "checkpoint written with a NaN weight (by code that skipped the save check)",
+         r"^error: ckpt/__0_0\.distcp: tensor 'model\.embedding_bags\.embedding_bags\.user_id\.weight' holds NaN/inf",
+         _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_nan_ckpt), issue=1),
     Case("eval_uninitialized", "eval", "checkpoint saved before tokenizer init (step 1, `init_after_steps=2`)",
          r"^error: ckpt: saved at step 1, before the tokenizer was initialized \(tokenizer\.init_after_steps=2\)",
          _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(uninit=True)), issue=4),
@@ -667,6 +693,12 @@ CASES: List[Case] = [
     Case("eval_truncated_tensors", "eval", "checkpoint with a truncated tensor file",
          r"^error: ckpt/__0_0\.distcp: truncated",
          _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(lambda d: _truncate(d / _DISTCP)))),
+    Case("eval_garbled_tensors", "eval", "checkpoint with garbled bytes in its tensor file (same size)",
+         r"^error: ckpt/__0_0\.distcp: tensor '.*' \(bytes \d+-\d+\) is not a whole record",
+         _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(lambda d: _garble_region(d / _DISTCP)))),
+    Case("eval_flipped_bytes", "eval", "checkpoint with 16 changed bytes inside a tensor (same size)",
+         r"^error: ckpt/__0_0\.distcp: tensor '.*' fails its CRC-32 check", 
+         _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(lambda d: _flip_bytes(d / _DISTCP))), issue=1),
     Case("eval_incomplete", "eval", "checkpoint without `COMPLETE` (interrupted save)",
          r"^error: --checkpoint ckpt: checkpoint is incomplete \(no COMPLETE marker\)",
          _cmd("eval", "--checkpoint", "{ckpt}", "--no-progress", ckpt=_ck(_no_complete))),
@@ -720,6 +752,9 @@ CASES: List[Case] = [
          r"^error: ckpt/rank_state/rank-0\.pt: unreadable, the checkpoint is damaged",
          _cmd("export", "--checkpoint", "{ckpt}", "--out", "out",
               ckpt=_ck(lambda d: _truncate(d / "rank_state" / "rank-0.pt", 0.3)))),
+    Case("export_flipped_bytes", "export", "checkpoint with 16 changed bytes inside a tensor (same size)",
+         r"^error: ckpt/__0_0\.distcp: tensor '.*' fails its CRC-32 check",
+         _cmd("export", "--checkpoint", "{ckpt}", "--out", "out", ckpt=_ck(lambda d: _flip_bytes(d / _DISTCP)))),
     Case("export_run_dir_empty", "export", "run directory without a complete checkpoint",
          r"^error: --checkpoint run: run directory has no complete checkpoint",
          _cmd("export", "--checkpoint", "{ckpt}", "--out", "out", ckpt=_empty_run)),

@@ -24,10 +24,12 @@ saved on 2 ranks loads on 1 (or 8): each rank reads the slices its new plan owns
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import zipfile
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -292,8 +294,26 @@ def _local_tensors(state: Mapping[str, Any], prefix: str = "") -> List[Tuple[str
 
 # ---------------------------------------------------------------------- verification
 def _one_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: report the first rank's exception
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            e = inner
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def dcp_load_error(path: str | Path, e: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a failed ``dcp.load`` of ``path``, naming the
+    tensor file when the checkpoint has only one."""
+    p = Path(path)
+    try:
+        files = sorted(storage_files(p))
+    except CheckpointError:
+        files = []
+    where = p / files[0] if len(files) == 1 else p
+    return CheckpointError(f"{where}: cannot load, the checkpoint is damaged ({_one_line(e)})")
 
 
 def read_dcp_metadata(path: str | Path) -> Any:
@@ -334,17 +354,84 @@ def file_of_tensor(path: str | Path, fqn: str, md: Any = None) -> Path:
     return Path(path)
 
 
-def verify_checkpoint_files(path: str | Path) -> None:
-    """Cheap structural check of a checkpoint before anything is loaded or written.
+class _Slice(io.RawIOBase):
+    """A read-only, seekable view of bytes ``[offset, offset + length)`` of an open file."""
+
+    def __init__(self, fh: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self.fh, self.offset, self.length, self.pos = fh, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, min(self.length, pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos))
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.length - self.pos)
+        if n <= 0:
+            return 0
+        self.fh.seek(self.offset + self.pos)
+        data = self.fh.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+_ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # torch.save record: local header ... end of central dir
+
+
+def _check_records(p: Path, md: Any, deep: bool) -> None:
+    """Every tensor record of the DCP files is a whole ``torch.save`` zip; ``deep``: its CRC-32s match."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    by_file: Dict[str, List[Tuple[int, int, str]]] = {}
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        fqn = getattr(index, "fqn", str(index))
+        if isinstance(md.state_dict_metadata.get(fqn), TensorStorageMetadata):
+            by_file.setdefault(info.relative_path, []).append((int(info.offset), int(info.length), fqn))
+    for rel, items in by_file.items():
+        f = p / rel
+        with open(f, "rb") as fh:
+            for offset, length, fqn in sorted(items):
+                fh.seek(offset)
+                head = fh.read(4)
+                fh.seek(offset + length - 22)
+                tail = fh.read(4)
+                if head != _ZIP_HEAD or tail != _ZIP_END:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' (bytes {offset}-{offset + length}) is not a whole record; "
+                                          f"the checkpoint is damaged")
+                if not deep:
+                    continue
+                try:
+                    bad = zipfile.ZipFile(_Slice(fh, offset, length)).testzip()
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' is unreadable, the checkpoint is damaged "
+                                          f"({_one_line(e)})") from e
+                if bad is not None:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' fails its CRC-32 check; the checkpoint is damaged")
+
+
+def verify_checkpoint_files(path: str | Path, deep: bool = False) -> None:
+    """Structural check of a checkpoint before anything is loaded or written.
 
     ``train_state.json`` parses, ``.metadata`` unpickles, every tensor file it names
-    exists and is at least as long as the byte ranges it records, and every
-    ``rank_state/*.pt`` opens. Raises :class:`CheckpointError` naming the damaged file.
-    (Overwritten bytes inside a tensor file are caught by a serving bundle's sha256
-    manifest and, for NaN/inf, by :func:`check_finite_state` after loading.)
+    exists and is at least as long as the byte ranges it records, every tensor record in
+    it is a whole ``torch.save`` archive, and every ``rank_state/*.pt`` opens. With
+    ``deep``, every record's data is also checked against the CRC-32 its archive stores
+    (reads every byte once), which catches overwritten tensor bytes. Raises
+    :class:`CheckpointError` naming the damaged file (and tensor).
 
     Args:
         path: a checkpoint (or serving bundle) directory.
+        deep: verify the CRC-32 of every tensor record.
     """
     p = Path(path)
     if (p / TRAIN_STATE_FILE).exists():
@@ -357,6 +444,7 @@ def verify_checkpoint_files(path: str | Path) -> None:
         size = f.stat().st_size
         if size < need:
             raise CheckpointError(f"{f}: truncated ({size} bytes, the metadata needs {need}); the checkpoint is damaged")
+    _check_records(p, md, deep)
     rs = p / RANK_STATE_DIR
     if rs.is_dir():
         for f in sorted(rs.glob("rank-*.pt")):
@@ -455,7 +543,7 @@ def check_dataset_fingerprint(checkpoint: str | Path, data_root: str | Path) -> 
         return
     try:
         saved = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{f}: invalid JSON, the checkpoint is damaged ({_one_line(e)})") from e
     now = dataset_fingerprint(data_root)
     labels = {"num_users": "users", "num_items": "items", "cardinalities": "feature cardinalities",
@@ -528,6 +616,9 @@ class CheckpointManager:
         Args:
             resume: None/"" (start fresh), ``auto`` (newest complete checkpoint of this run,
                 or fresh if there is none), or a path to a checkpoint directory.
+
+        The checkpoint's files are verified (:func:`verify_checkpoint_files`; rank 0 also
+        checks every tensor record's CRC-32) before it is returned.
         """
         if not resume:
             return None
@@ -536,14 +627,14 @@ class CheckpointManager:
             if path is None:
                 logger.info("--resume auto: no complete checkpoint under %s; starting fresh", self.dir)
             else:
-                verify_checkpoint_files(path)  # before anything in run_dir is written
+                verify_checkpoint_files(path, deep=_is_rank_zero())  # before anything in run_dir is written
             return path
         p = Path(resume)
         if not p.is_dir():
             raise CheckpointError(f"--resume {resume}: checkpoint directory does not exist")
         if not is_complete(p):
             raise CheckpointError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker); it was interrupted while saving")
-        verify_checkpoint_files(p)
+        verify_checkpoint_files(p, deep=_is_rank_zero())
         return p
 
     # ------------------------------------------------------------------ saving
@@ -665,7 +756,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # DCP wraps errors (CheckpointException is a BaseException)
             if _interrupted(e):
                 raise KeyboardInterrupt from e
-            raise CheckpointError(f"{p}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise dcp_load_error(p, e) from e
         if "model" in state:
             check_finite_state(p, state["model"], "model")
         rank_state = None
@@ -682,6 +773,12 @@ class CheckpointManager:
             extra=dict(info_d.get("extra", {})),
             rank_state=rank_state,
         )
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of the launcher's environment (``--resume`` is resolved before the process group
+    exists): only it reads every byte of a checkpoint to check its CRC-32s."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _interrupted(e: BaseException) -> bool:

@@ -29,6 +29,7 @@ from dig_torchrec.training.checkpoint import (
     CheckpointManager,
     check_finite_state,
     check_state_shapes,
+    dcp_load_error,
     is_complete,
     read_config,
     read_dataset_meta,
@@ -77,16 +78,18 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
 
 
 def verify_artifact(path: Path) -> None:
-    """Bundles: every file against the manifest's sha256; checkpoints: metadata and tensor files readable.
+    """Bundles: every file against the manifest's sha256; training checkpoints: metadata and
+    tensor files readable and every tensor record's CRC-32 intact.
 
     Args:
         path: a resolved checkpoint or bundle directory.
     """
     from dig_torchrec.export import MANIFEST_FILE, verify_bundle
 
-    if (path / MANIFEST_FILE).exists():
+    bundle = (path / MANIFEST_FILE).exists()
+    if bundle:
         verify_bundle(path)
-    verify_checkpoint_files(path)
+    verify_checkpoint_files(path, deep=not bundle)  # a bundle's bytes are covered by the sha256 already
 
 
 def check_tokenizer_initialized(model: Optional["DIGModel"], cfg: DIGConfig, path: Path,  # noqa: F821
@@ -196,8 +199,7 @@ def load_for_inference(
 
         if interrupted(e):
             raise KeyboardInterrupt from e
-        raise CheckpointError(f"{path}: cannot load into the model, the checkpoint is damaged: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        raise dcp_load_error(path, e) from e
     check_finite_state(path, state, "model")
     model.load_state_dict(state)
     if require_tokenizer:
