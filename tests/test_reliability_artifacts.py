@@ -95,3 +95,28 @@ def test_fresh_clears_the_old_run(workspace: rc.Workspace, tmp_path: Path) -> No
     assert code == 0, err[-2000:]
     assert "--fresh: deleting" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("disk full")])
+def test_interrupted_synth_leaves_no_partial_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     exc: BaseException) -> None:
+    from dig_torchrec.cli import main as dig_main
+    from dig_torchrec.data import synthetic
+
+    real = synthetic.generate
+
+    def dies_after_writing(cfg, out, processes=None):  # noqa: ANN001
+        real(cfg, out, processes=processes)
+        raise exc
+
+    monkeypatch.setattr(synthetic, "generate", dies_after_writing)
+    out = tmp_path / "ds"
+    if isinstance(exc, KeyboardInterrupt):
+        assert dig_main(["data", "synth", "--preset", "micro", "--out", str(out)]) == 130
+    else:
+        with pytest.raises(RuntimeError):
+            dig_main(["data", "synth", "--preset", "micro", "--out", str(out)])
+    assert list(tmp_path.iterdir()) == []  # neither ds/ nor .ds.partial-<pid>
+    monkeypatch.setattr(synthetic, "generate", real)
+    assert dig_main(["data", "synth", "--preset", "micro", "--out", str(out)]) == 0  # the rerun just works
+    assert (out / "meta.json").is_file()
