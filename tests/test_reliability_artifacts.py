@@ -120,3 +120,19 @@ def test_interrupted_synth_leaves_no_partial_dataset(tmp_path: Path, monkeypatch
     monkeypatch.setattr(synthetic, "generate", real)
     assert dig_main(["data", "synth", "--preset", "micro", "--out", str(out)]) == 0  # the rerun just works
     assert (out / "meta.json").is_file()
+
+
+def test_resume_from_an_earlier_step_continues_from_its_own_checkpoints(tmp_path: Path) -> None:
+    """Rollback: --resume step-10 in a run that also holds step-20/30; the continuation's step-15
+    is what --resume auto and `dig eval RUN` pick, and pruning keeps it."""
+    from dig_torchrec.config import DIGConfig
+    from dig_torchrec.training.checkpoint import CheckpointManager
+    from dig_torchrec.training.loading import resolve_checkpoint
+
+    mgr = CheckpointManager(tmp_path, keep_latest_k=3)
+    for step in (10, 20, 30, 15):
+        mgr.save(step, {"model": {"w": torch.full((2,), float(step))}}, config=DIGConfig())
+        time.sleep(0.01)
+    ckpts = tmp_path / "checkpoints"
+    assert mgr.latest() == ckpts / "step-15" == mgr.resolve("auto") == resolve_checkpoint(tmp_path)
+    assert sorted(s for s, _ in mgr.complete_checkpoints()) == [15, 20, 30]  # step-10, the oldest write, pruned

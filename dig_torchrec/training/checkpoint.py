@@ -124,6 +124,14 @@ def read_train_state(path: str | Path) -> Dict[str, Any]:
         raise CheckpointError(f"{p}: invalid JSON, the checkpoint is damaged ({e})") from e
 
 
+def saved_time(path: str | Path) -> float:
+    """When a checkpoint was written (``train_state.json`` ``time``; 0 if unreadable)."""
+    try:
+        return float(read_train_state(path).get("time", 0.0))
+    except (CheckpointError, TypeError, ValueError):
+        return 0.0
+
+
 def read_config(path: str | Path) -> DIGConfig:
     """The resolved config stored beside a checkpoint."""
     p = Path(path) / CONFIG_FILE
@@ -605,9 +613,18 @@ class CheckpointManager:
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
+    def written_order(self) -> List[Tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, least recently written first
+        (``train_state.json`` ``time``, then the step)."""
+        return sorted(self.complete_checkpoints(), key=lambda sp: (saved_time(sp[1]), sp[0]))
+
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None."""
-        done = self.complete_checkpoints()
+        """The most recently written complete checkpoint, or None.
+
+        Normally also the highest step; after ``--resume`` from an earlier step into the
+        same run it is the continuation's checkpoint, not a stale higher-numbered one.
+        """
+        done = self.written_order()
         return done[-1][1] if done else None
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
@@ -723,7 +740,7 @@ class CheckpointManager:
             raise NumericalError(f"step {step}: refusing to write a checkpoint: '{where}' holds NaN/inf")
 
     def _prune(self) -> None:
-        done = self.complete_checkpoints()
+        done = self.written_order()  # keep the k most recently written
         for _, p in done[: max(0, len(done) - self.keep_latest_k)]:
             shutil.rmtree(p, ignore_errors=True)
             logger.info("deleted old checkpoint %s", p)

@@ -40,13 +40,6 @@ from dig_torchrec.training.checkpoint import (
 logger = logging.getLogger(__name__)
 
 
-def _saved_time(path: Path) -> float:
-    try:
-        return float(read_train_state(path).get("time", 0.0))
-    except (CheckpointError, TypeError, ValueError):
-        return 0.0
-
-
 def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     """A checkpoint (or bundle) directory, or the newest complete checkpoint of a run directory.
 
@@ -68,10 +61,10 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     if is_complete(p):
         return p
     if (p / "checkpoints").is_dir():
-        done = CheckpointManager(p).complete_checkpoints()
-        if not done:
+        latest = CheckpointManager(p).latest()  # the most recently written one
+        if latest is None:
             raise CheckpointError(f"{flag} {p}: run directory has no complete checkpoint under {p / 'checkpoints'}")
-        return max(done, key=lambda sp: (_saved_time(sp[1]), sp[0]))[1]
+        return latest
     if (p / ".metadata").exists():
         raise CheckpointError(f"{flag} {p}: checkpoint is incomplete (no COMPLETE marker); it was interrupted while saving")
     raise CheckpointError(f"{flag} {p}: not a checkpoint directory (no .metadata / COMPLETE) and not a run directory")
