@@ -42,13 +42,14 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from dig_torchrec.config import DIGConfig, save_config
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """``dig export``: flags, ``--out`` and overrides are checked before torch is imported."""
+    from dig_torchrec.retrieval.cli import check_checkpoint_arg, check_overrides
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
     check_out_dir(Path(args.out))
+    check_overrides(args.overrides)
+    check_checkpoint_arg(args.checkpoint)
     out = export_bundle(args.checkpoint, args.out, world_size=args.world_size, overrides=args.overrides)
     if args.verify:
         verify_bundle(out)
@@ -127,6 +135,8 @@ def _bundle_files(root: Path) -> List[Path]:
 
 def _versions() -> Dict[str, str]:
     import importlib.metadata as md
+
+    import torch
 
     out = {"torch": torch.__version__}
     for name in ("torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "dig_torchrec"):
