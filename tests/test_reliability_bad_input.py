@@ -109,6 +109,21 @@ def test_config_typo_fails_fast_from_a_cold_dig_process(tmp_path: Path, workspac
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv,first", [
+    (["eval", "--checkpoint", "ckpt", "eval.beam_width=3"], "error: unknown config key 'eval.beam_width'"),
+    (["retrieve", "--checkpoint", "ckpt", "--users", "1", "--out", "recs.csv"], "error: --out recs.csv: use a"),
+    (["export", "--checkpoint", "ckpt", "--out", "out", "data.pth=x"], "error: unknown config key 'data.pth'"),
+], ids=["eval", "retrieve", "export"])
+def test_flag_typos_fail_fast_from_a_cold_dig_process(argv, first: str, tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    t0 = time.perf_counter()
+    proc = _cold_dig(argv, tmp_path)
+    seconds = time.perf_counter() - t0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(first), proc.stderr
+    assert seconds <= 3.0, f"{argv[0]}: a typo took {seconds:.1f}s"
+
+
 @pytest.mark.parametrize("case_id", ["missing_column", "ml_truncated_line", "eval_bundle_bytes"])
 def test_sample_cases_from_a_cold_dig_process(case_id: str, workspace: rc.Workspace) -> None:
     """The same first line and exit status from the installed ``dig`` script as from the warm runner."""
