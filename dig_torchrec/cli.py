@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -42,20 +43,86 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log their loader / kernel-argument chatter at INFO on the root logger
+# (``fbgemm_gpu/__init__.py``: "Successfully loaded: '...so'", TBE argument dicts).
+_CHATTY_LIBRARIES = (f"{os.sep}fbgemm_gpu{os.sep}", f"{os.sep}torchrec{os.sep}")
+
+
+class LibraryChatterFilter(logging.Filter):
+    """Demote INFO records logged from inside fbgemm_gpu / torchrec to DEBUG.
+
+    Args:
+        verbose: keep them (relabelled DEBUG) instead of dropping them.
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and any(s in (record.pathname or "") for s in _CHATTY_LIBRARIES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.verbose
+        return True
+
+
+def setup_logging(verbose: bool) -> None:
+    """Root logging for the CLI: INFO (DEBUG with ``-v``), library chatter demoted to DEBUG."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, LibraryChatterFilter) for f in handler.filters):
+            handler.addFilter(LibraryChatterFilter(verbose))
+    if not verbose:  # torch's "is_fx_tracing will return true for both ..." notice on every traced call
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` is, wraps or was caused by a KeyboardInterrupt (Ctrl-C / SIGINT).
+
+    ``torch.distributed.checkpoint`` catches every ``BaseException`` of a save or load and
+    re-raises it wrapped in a ``CheckpointException``, so a Ctrl-C during a checkpoint save
+    arrives as an ordinary exception.
+    """
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for wrapped in failures.values():
+                inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
+                if isinstance(inner, BaseException):
+                    stack.append(inner)
+                elif "KeyboardInterrupt" in str(wrapped):
+                    return True
+    return False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     try:
         rc = args.func(args)
     except DIGError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if isinstance(e, (SystemExit, GeneratorExit)) or not interrupted(e):
+            raise
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)

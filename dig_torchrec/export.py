@@ -8,6 +8,7 @@ position)::
                                   resharded for --world-size W (W=1: one unsharded file)
       config.yaml                 the resolved DIGConfig (with the export's overrides)
       dataset_meta.json           DatasetMeta the tables were sized from
+      dataset_fingerprint.json    the training data's fingerprint (eval/retrieve refuse another dataset)
       sharding_plan.json          table -> sharding type and ranks of the W-rank plan
       COMPLETE                    the checkpoints' completeness marker (checkpoint loaders accept it)
       sid_index/                  sid_table.parquet (item -> SID), inverted_index.parquet
@@ -41,13 +42,14 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from dig_torchrec.config import DIGConfig, save_config
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="write a serving bundle: resharded DCP model, SID index, config, manifest",
         description="Export a training checkpoint (run/checkpoints/step-N) as a serving bundle.",
     )
-    p.add_argument("--checkpoint", required=True, help="a complete training checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a complete training checkpoint (run/checkpoints/step-N) or a run directory (its newest one)")
     p.add_argument("--out", required=True, help="bundle directory to create (must not exist)")
     p.add_argument("--world-size", type=int, default=1,
                    help="reshard the model for this many serving ranks (default 1: one unsharded file)")
@@ -77,6 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """``dig export``: flags, ``--out`` and overrides are checked before torch is imported."""
+    from dig_torchrec.retrieval.cli import check_checkpoint_arg, check_overrides
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+    check_out_dir(Path(args.out))
+    check_overrides(args.overrides)
+    check_checkpoint_arg(args.checkpoint)
     out = export_bundle(args.checkpoint, args.out, world_size=args.world_size, overrides=args.overrides)
     if args.verify:
         verify_bundle(out)
@@ -84,6 +95,23 @@ def run_export(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "world_size": manifest["world_size"], "step": manifest.get("step"),
                       "files": len(manifest["files"])}))
     return 0
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must not exist and its parent must be (or be creatable as) a directory.
+
+    Args:
+        out: the bundle directory to create.
+    """
+    if out.exists():
+        raise CheckpointError(f"--out {out}: already exists; choose a new directory (a bundle is never overwritten)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise ConfigError(f"--out {out}: directory {parent} is not writable")
+            break
 
 
 # ---------------------------------------------------------------------- hashing / manifest
@@ -107,6 +135,8 @@ def _bundle_files(root: Path) -> List[Path]:
 
 def _versions() -> Dict[str, str]:
     import importlib.metadata as md
+
+    import torch
 
     out = {"torch": torch.__version__}
     for name in ("torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "dig_torchrec"):
@@ -171,15 +201,25 @@ def verify_bundle(path: str | Path) -> Dict[str, Any]:
     Args:
         path: the bundle directory.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(path)
     manifest = read_manifest(root)
     listed = manifest["files"]
-    for rel, rec in listed.items():
+    for rel, rec in listed.items():  # cheap checks first: presence and size
         f = root / rel
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in {MANIFEST_FILE} but missing")
-        if f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
-            raise CheckpointError(f"{f}: sha256 differs from {MANIFEST_FILE} (file changed or corrupted)")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(f"{f}: sha256 differs from {MANIFEST_FILE} (file changed or corrupted: "
+                                  f"{f.stat().st_size} bytes, the manifest says {rec['bytes']})")
+    rels = list(listed)
+    # hashlib releases the GIL: the files of a W-rank bundle are hashed on several cores
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(rels)))) as pool:
+        digests = list(pool.map(lambda rel: sha256_file(root / rel), rels))
+    for rel, digest in zip(rels, digests):
+        if digest != listed[rel]["sha256"]:
+            raise CheckpointError(f"{root / rel}: sha256 differs from {MANIFEST_FILE} (file changed or corrupted)")
     extra = [p.relative_to(root).as_posix() for p in _bundle_files(root) if p.relative_to(root).as_posix() not in listed]
     if extra:
         raise CheckpointError(f"{root / extra[0]}: file is not listed in {MANIFEST_FILE}")
@@ -198,9 +238,12 @@ def _read_source(checkpoint: Path, overrides: Sequence[str]) -> Tuple[DIGConfig,
         raise CheckpointError(f"--checkpoint {checkpoint}: directory does not exist")
     if is_bundle(checkpoint):
         raise CheckpointError(f"--checkpoint {checkpoint}: is already a serving bundle; export a training checkpoint")
-    if not is_complete(checkpoint):
+    if not is_complete(checkpoint) and not (checkpoint / "checkpoints").is_dir():
+        if (checkpoint / ".metadata").exists():
+            raise CheckpointError(f"--checkpoint {checkpoint}: not a complete checkpoint (no {COMPLETE} marker); it "
+                                  "was interrupted while saving")
         raise CheckpointError(f"--checkpoint {checkpoint}: not a complete checkpoint (no {COMPLETE} marker or "
-                              ".metadata); it was interrupted while saving or is not a checkpoint")
+                              ".metadata) and not a run directory (no checkpoints/)")
     cfg = apply_overrides(read_config(checkpoint), overrides)
     return cfg, read_dataset_meta(checkpoint), read_train_state(checkpoint)
 
@@ -209,18 +252,15 @@ def load_bundle(path: str | Path, *, verify: bool = False) -> Tuple[torch.nn.Mod
     """A serving bundle as ``(DIGModel in eval mode, DIGConfig, DatasetMeta)`` in one process.
 
     ``load_for_inference`` loads a bundle the same way (it is a complete DCP checkpoint
-    without optimizer state); this adds the manifest check.
+    without optimizer state) and checks every file's sha256 against the manifest first.
 
     Args:
         path: the bundle directory.
-        verify: check every file's sha256 against the manifest first.
+        verify: kept for compatibility: every load verifies the manifest now.
     """
     from dig_torchrec.training.loading import load_for_inference
 
-    if verify:
-        verify_bundle(path)
-    else:
-        read_manifest(path)
+    read_manifest(path)  # a bundle, not a bare checkpoint
     return load_for_inference(path)
 
 
@@ -238,7 +278,7 @@ def _export_single(checkpoint: Path, tmp: Path, overrides: Sequence[str]) -> Tup
     from dig_torchrec.distributed.planner import embedding_tables
     from dig_torchrec.training.loading import load_for_inference
 
-    model, _, _ = load_for_inference(checkpoint, overrides=overrides)
+    model, _, _ = load_for_inference(checkpoint, overrides=overrides, require_tokenizer=True, verify=False)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
     plan = {name: {"sharding_type": "unsharded", "ranks": [0]} for name in embedding_tables(model)}
     return model, plan
@@ -353,17 +393,24 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, world_size: int = 
     from dig_torchrec.training.checkpoint import COMPLETE, DATASET_META_FILE
     from dig_torchrec.training.loading import load_for_inference
 
+    from dig_torchrec.training.checkpoint import DATASET_FINGERPRINT_FILE, check_dataset_fingerprint
+    from dig_torchrec.training.loading import check_saved_tokenizer, resolve_checkpoint, verify_artifact
+
     t0 = time.perf_counter()
     checkpoint, out = Path(checkpoint), Path(out)
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    if out.exists():
-        raise CheckpointError(f"--out {out}: already exists; choose a new directory (a bundle is never overwritten)")
+    check_out_dir(out)
+    if checkpoint.is_dir() and not is_bundle(checkpoint) and (checkpoint / "checkpoints").is_dir():
+        checkpoint = resolve_checkpoint(checkpoint)  # a run directory -> its newest complete checkpoint
     cfg, meta, train_state = _read_source(checkpoint, overrides)
     root = Path(cfg.data.path)
     if not (root / "meta.json").is_file():
         raise DataError(f"{root / 'meta.json'}: dataset of checkpoint {checkpoint} not found (config key 'data.path' "
                         f"= {cfg.data.path!r}); pass data.path=DIR; its items.parquet is needed for the SID index")
+    verify_artifact(checkpoint)
+    check_saved_tokenizer(checkpoint, cfg)
+    check_dataset_fingerprint(checkpoint, root)
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(parent, out.name)
@@ -380,6 +427,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, world_size: int = 
         # 2. config and dataset meta
         save_config(cfg, tmp / "config.yaml")
         shutil.copy2(checkpoint / DATASET_META_FILE, tmp / DATASET_META_FILE)
+        if (checkpoint / DATASET_FINGERPRINT_FILE).is_file():
+            shutil.copy2(checkpoint / DATASET_FINGERPRINT_FILE, tmp / DATASET_FINGERPRINT_FILE)
         # the training checkpoints' completeness marker, so every checkpoint loader
         # (``load_for_inference``, hence ``dig eval`` / ``dig retrieve``) accepts the bundle as is
         (tmp / COMPLETE).write_text("dig serving bundle\n")

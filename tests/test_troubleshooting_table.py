@@ -1,4 +1,5 @@
-"""The README troubleshooting table is generated from real ``dig train`` runs and must not go stale.
+"""The README troubleshooting table is generated from the bad-input matrix's real ``dig`` runs
+(``tests/reliability_cases.py``) and must not go stale.
 
 Regenerate it after changing an error message::
 
@@ -37,8 +38,10 @@ def write_readme_table(table: str) -> None:
 def test_troubleshooting_table_is_up_to_date(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> None:
     ws = rc.shared_workspace(tmp_path_factory.getbasetemp(), tiny_dataset)
     table = rc.render_table(rc.run_all(ws))
+    outcomes = rc.run_all(ws)
     for case in rc.CASES:  # every case is in it, with its exit code and message
-        assert f"| {case.title} | 2 | `error: " in table
+        assert f"| `dig {case.command}` | {case.title}" in table
+        assert f"| {case.rc} | `{outcomes[case.id].first_line.replace('|', chr(92) + '|')}` |" in table
     assert readme_table() == table, f"{README} troubleshooting table is stale: run .venv/bin/python tests/test_troubleshooting_table.py"
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 from dig_torchrec.errors import DataError
 
@@ -51,12 +54,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_stats)
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from dig_torchrec.data.synthetic import generate, preset
+_TMP_MARK = ".partial-"
 
+
+def check_out_root(out: Path) -> None:
+    """``--out`` of ``synth``/``convert``: not a file, not an existing or partial dataset, parent writable.
+
+    Args:
+        out: the dataset root to create.
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; pass a directory for the dataset root")
+    if out.is_dir() and any(out.iterdir()):
+        if (out / "meta.json").exists():
+            raise DataError(f"--out {out}: already holds a dataset; choose an empty --out directory")
+        raise DataError(f"--out {out}: directory is not empty (a partial dataset of an older, interrupted run?); "
+                        f"delete it or choose an empty --out directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise DataError(f"--out {out}: directory {parent} is not writable")
+            break
+
+
+@contextlib.contextmanager
+def atomic_dataset_root(out: Path) -> Iterator[Path]:
+    """Write a dataset into ``.<name>.partial-<pid>`` beside ``out`` and rename it to ``out`` at the end.
+
+    Any failure (or Ctrl-C) removes the partial directory, so a rerun never finds half a
+    dataset; partial directories of killed runs are removed by the next run.
+    """
+    check_out_root(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{out.name}{_TMP_MARK}*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
+    tmp = parent / f".{out.name}{_TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from dig_torchrec.data.synthetic import preset
+
+    out = Path(args.out)
+    check_out_root(out)
     cfg = preset(args.preset, seed=args.seed, num_rows=args.rows, num_users=args.users, num_items=args.items,
                  history_length=args.history_length)
-    summary = generate(cfg, args.out, processes=args.processes)
+    from dig_torchrec.data.synthetic import generate
+
+    with atomic_dataset_root(out) as tmp:
+        summary = generate(cfg, tmp, processes=args.processes)
     print(json.dumps({"out": str(args.out), "preset": args.preset, **summary}))
     return 0
 
@@ -65,18 +127,23 @@ def _convert(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise DataError(f"{src}: source directory not found")
-    if args.source == "movielens":
-        from dig_torchrec.data.movielens import convert
+    if not src.is_dir():
+        raise DataError(f"--src {src}: is a file; pass the directory holding the raw files")
+    out = Path(args.out)
+    check_out_root(out)
+    with atomic_dataset_root(out) as tmp:
+        if args.source == "movielens":
+            from dig_torchrec.data.movielens import convert
 
-        summary = convert(src, args.out, history_length=args.history_length)
-    elif args.source == "kuairec":
-        from dig_torchrec.data.kuairec import convert
+            summary = convert(src, tmp, history_length=args.history_length)
+        elif args.source == "kuairec":
+            from dig_torchrec.data.kuairec import convert
 
-        summary = convert(src, args.out, history_length=args.history_length, matrix=args.matrix)
-    else:
-        from dig_torchrec.data.taobao import convert
+            summary = convert(src, tmp, history_length=args.history_length, matrix=args.matrix)
+        else:
+            from dig_torchrec.data.taobao import convert
 
-        summary = convert(src, args.out, history_length=args.history_length, max_rows=args.max_rows)
+            summary = convert(src, tmp, history_length=args.history_length, max_rows=args.max_rows)
     print(json.dumps({"out": str(args.out), "source": args.source, **summary}))
     return 0
 
@@ -93,9 +160,27 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from dig_torchrec.config import DataConfig
     from dig_torchrec.data.stats import dataset_stats
+    from dig_torchrec.data.validate import validate_dataset
 
-    st = dataset_stats(args.path)
+    if not Path(args.path).is_dir():
+        raise DataError(f"{args.path}: dataset root not found" if not Path(args.path).exists()
+                        else f"{args.path}: is a file; pass a dataset root directory")
+    problem = None
+    try:  # the same checks as `dig data validate` (cached after a successful scan)
+        validate_dataset(args.path, DataConfig(path=str(args.path)), deep=True, use_cache=True)
+    except DataError as e:
+        problem = e
+    try:
+        st = dataset_stats(args.path)
+    except Exception as e:  # noqa: BLE001  damaged files: report the validation's named cause
+        if problem is not None:
+            raise problem from e
+        raise DataError(f"{args.path}: cannot compute statistics ({type(e).__name__}: {e})") from e
+    if problem is not None:
+        logger.warning("%s (`dig data validate` fails; the statistics below include the bad rows)", problem)
+        st["validation_error"] = str(problem)
     if args.json:
         print(json.dumps(st, indent=2))
     else:

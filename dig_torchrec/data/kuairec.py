@@ -38,10 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dig_torchrec.data.build import build_in_memory, item_key_csr
 from dig_torchrec.data.rawcsv import Vocab, entity_ids, log_bucket, read_csv, require
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.data.u2i import U2ISpec, describe
 from dig_torchrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ def parse_tags(feat: List[str | None], path: Path) -> List[List[int]]:
         try:
             out.append([int(x) for x in text.split(",") if x.strip()])
         except ValueError as e:
-            raise DataError(f"{path}: column 'feat' row {i}: cannot parse tag list {f!r}") from e
+            raise DataError(f"{path}: line {i + 2}: column 'feat': cannot parse tag list {f!r}") from e
     return out
 
 
@@ -84,7 +82,7 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, matrix: 
     upath = require(src, "user_features.csv", "KuaiRec")
     m = read_csv(mpath, ["user_id", "video_id", "video_duration", "timestamp", "watch_ratio"],
                  {"user_id": pa.int64(), "video_id": pa.int64(), "video_duration": pa.float64(),
-                  "timestamp": pa.float64(), "watch_ratio": pa.float64()})
+                  "timestamp": pa.float64(), "watch_ratio": pa.float64()}, required=["user_id", "video_id"])
     ok = pc.and_(pc.is_valid(m.column("timestamp")), pc.is_valid(m.column("watch_ratio")))
     dropped = m.num_rows - int(pc.sum(ok).as_py() or 0)
     if dropped:
@@ -92,8 +90,8 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, matrix: 
         m = m.filter(ok)
     if m.num_rows == 0:
         raise DataError(f"{mpath}: no usable rows")
-    cats = read_csv(ipath, ["video_id", "feat"], {"video_id": pa.int64(), "feat": pa.string()})
-    users = read_csv(upath, ["user_id", *USER_COLUMNS.values()], {"user_id": pa.int64()})
+    cats = read_csv(ipath, ["video_id", "feat"], {"video_id": pa.int64(), "feat": pa.string()}, required=["video_id"])
+    users = read_csv(upath, ["user_id", *USER_COLUMNS.values()], {"user_id": pa.int64()}, required=["user_id"])
     user_vocab, (user, urow) = entity_ids(m.column("user_id"), users.column("user_id"))
     item_vocab, (item, irow) = entity_ids(m.column("video_id"), cats.column("video_id"))
     n_users, n_items = len(user_vocab) - 1, len(item_vocab) - 1
@@ -127,6 +125,10 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, matrix: 
     hour = ((np.floor(ts_s).astype(np.int64) + 8 * 3600) // 3600) % 24
     wr = m.column("watch_ratio").to_numpy()
     label = (wr >= CLICK_WATCH_RATIO).astype(np.int64)
+    # the heavy modules (torch) only once the raw files have been read and checked
+    from dig_torchrec.data.build import build_in_memory, item_key_csr
+    from dig_torchrec.data.u2i import U2ISpec, describe
+
     meta = DatasetMeta(
         name=f"kuairec_{matrix.split('_')[0]}", num_users=n_users, num_items=n_items,
         user_features={k: c for k, (_, c) in ufeat.items()}, context_features={"hour": 24},

@@ -33,9 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from dig_torchrec.data.build import build_in_memory, item_key_csr
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.data.u2i import U2ISpec, describe
 from dig_torchrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -75,15 +73,19 @@ def read_items(path: Path) -> Dict[str, object]:
         if not line.strip():
             continue
         parts = line.split("|")
-        if len(parts) < 5 + NUM_GENRES:
+        if len(parts) != 5 + NUM_GENRES:
             raise DataError(f"{path}: line {lineno + 1}: expected {5 + NUM_GENRES} '|' fields, got {len(parts)}")
         try:
             ids.append(int(parts[0]) - 1)
             flags = [int(x) for x in parts[-NUM_GENRES:]]
         except ValueError as e:
             raise DataError(f"{path}: line {lineno + 1}: bad id or genre flag ({e})") from e
+        if ids[-1] < 0 or any(f not in (0, 1) for f in flags):
+            raise DataError(f"{path}: line {lineno + 1}: movie id must be >= 1 and genre flags 0 or 1")
         genres.append([g for g, f in enumerate(flags) if f] or [0])
         years.append(year_bucket(parts[2]))
+    if not ids:
+        raise DataError(f"{path}: no movies (empty file)")
     n = max(ids) + 1
     if sorted(ids) != list(range(n)):
         raise DataError(f"{path}: movie ids must be 1..{n} without gaps")
@@ -109,8 +111,16 @@ def read_users(path: Path, occupations: List[str]) -> Dict[str, np.ndarray]:
         if occupation not in occ:
             raise DataError(f"{path}: line {lineno + 1}: occupation '{occupation}' not in u.occupation")
         z = zipcode.strip()[:1]
-        rows.append((int(uid) - 1, age_bucket(int(age)), 0 if gender == "M" else 1, occ[occupation],
+        try:
+            uid_i, age_i = int(uid), int(age)
+        except ValueError as e:
+            raise DataError(f"{path}: line {lineno + 1}: bad user id or age ({e})") from e
+        if gender not in ("M", "F"):
+            raise DataError(f"{path}: line {lineno + 1}: gender {gender!r} is not M or F")
+        rows.append((uid_i - 1, age_bucket(age_i), 0 if gender == "M" else 1, occ[occupation],
                      int(z) if z.isdigit() else 10))
+    if not rows:
+        raise DataError(f"{path}: no users (empty file)")
     rows.sort()
     arr = np.array(rows, dtype=np.int64)
     if not np.array_equal(arr[:, 0], np.arange(len(arr))):
@@ -118,15 +128,52 @@ def read_users(path: Path, occupations: List[str]) -> Dict[str, np.ndarray]:
     return {"age_bucket": arr[:, 1], "gender": arr[:, 2], "occupation": arr[:, 3], "zip_prefix": arr[:, 4]}
 
 
+RATING_COLUMNS = ("user", "item", "rating", "timestamp")
+MAX_TIMESTAMP = 10**13  # Unix seconds (or milliseconds until the year 2286)
+
+
 def read_ratings(path: Path) -> Dict[str, np.ndarray]:
-    opts = pacsv.ReadOptions(column_names=["user", "item", "rating", "timestamp"])
+    """``u.data``: user, item, rating (1-5), Unix timestamp, tab-separated, every field required.
+
+    A missing, empty or unparsable field, or an out-of-range rating or timestamp, raises
+    :class:`DataError` naming the file and the line.
+    """
+    from dig_torchrec.data.rawcsv import check_required, find_bad_line
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (expected user<TAB>item<TAB>rating<TAB>timestamp lines)")
+    types = {c: pa.int64() for c in RATING_COLUMNS}
+    opts = pacsv.ReadOptions(column_names=list(RATING_COLUMNS))
     parse = pacsv.ParseOptions(delimiter="\t")
-    conv = pacsv.ConvertOptions(column_types={c: pa.int64() for c in ("user", "item", "rating", "timestamp")})
+    conv = pacsv.ConvertOptions(column_types=types)
     try:
         t = pacsv.read_csv(path, read_options=opts, parse_options=parse, convert_options=conv)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: cannot parse ({e})") from e
-    return {c: t.column(c).to_numpy() for c in t.column_names}
+        bad = find_bad_line(path, RATING_COLUMNS, types, RATING_COLUMNS, delimiter="\t", header=False)
+        raise DataError(f"{path}: {bad or f'cannot parse ({e})'}") from e
+    check_required(path, t, RATING_COLUMNS, types, RATING_COLUMNS, delimiter="\t", header=False)
+    out = {c: t.column(c).to_numpy() for c in t.column_names}
+    for col, lo, hi in (("rating", 1, 5), ("timestamp", 0, MAX_TIMESTAMP), ("user", 1, None), ("item", 1, None)):
+        v = out[col]
+        bad_rows = (v < lo) | (v > hi) if hi is not None else (v < lo)
+        if bad_rows.any():
+            r = int(np.flatnonzero(bad_rows)[0])
+            line = _data_line(path, r)
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise DataError(f"{path}: line {line}: column '{col}' value {int(v[r])} outside {rng}")
+    return out
+
+
+def _data_line(path: Path, row: int) -> int:
+    """1-based line number of data row ``row`` (blank lines are skipped by the reader)."""
+    seen = -1
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return lineno
+    return row + 1
 
 
 def convert(src: str | Path, out: str | Path, history_length: int = 20, row_group_size: int = 8192) -> Dict[str, object]:
@@ -151,6 +198,10 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, row_grou
         if v.min() < 0 or v.max() >= n:
             raise DataError(f"{src / 'u.data'}: {name} outside 1..{n}")
     label = (r["rating"] >= 4).astype(np.int64)
+    # the heavy modules (torch) only once the raw files have been read and checked
+    from dig_torchrec.data.build import build_in_memory, item_key_csr
+    from dig_torchrec.data.u2i import U2ISpec, describe
+
     meta = DatasetMeta(
         name="ml100k", num_users=n_users, num_items=n_items,
         user_features={"age_bucket": len(AGE_EDGES) + 1, "gender": 2, "occupation": len(occupations), "zip_prefix": 11},

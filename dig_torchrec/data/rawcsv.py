@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -20,16 +21,82 @@ def require(src: Path, name: str, dataset: str) -> Path:
     return p
 
 
+def _parses(value: str, t: pa.DataType) -> bool:
+    try:
+        if pa.types.is_integer(t):
+            int(value)
+        elif pa.types.is_floating(t):
+            float(value)
+        return True
+    except ValueError:
+        return False
+
+
+def find_bad_line(path: Path, names: Sequence[str], types: Dict[str, pa.DataType], required: Sequence[str] = (),
+                  *, delimiter: str = ",", header: bool = True, max_lines: int = 0) -> Optional[str]:
+    """The first line of a delimited text file that a converter cannot use, as ``line N: why``.
+
+    Called only after a fast (pyarrow) read failed or produced nulls, to name the line:
+    a wrong number of fields, an empty required field, or a value of the wrong type.
+
+    Args:
+        path: the file.
+        names: the column names of every field, in file order.
+        types: column -> arrow type to check (integer or floating); others are not checked.
+        required: columns that must not be empty.
+        delimiter: field separator.
+        header: the first line is a header (line numbers still count it).
+        max_lines: stop after this many data lines (0: all).
+    """
+    index = {n: i for i, n in enumerate(names)}
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        rows = csv.reader(fh, delimiter=delimiter)
+        for lineno, row in enumerate(rows, start=1):
+            if header and lineno == 1:
+                continue
+            if max_lines and lineno - int(header) > max_lines:
+                break
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank lines are skipped by the reader too
+            if len(row) != len(names):
+                return f"line {rows.line_num}: expected {len(names)} fields, got {len(row)} ({delimiter.join(row)[:60]!r})"
+            for col in required:
+                if not row[index[col]].strip():
+                    return f"line {rows.line_num}: column '{col}' is empty"
+            for col, t in types.items():
+                v = row[index[col]].strip() if col in index else ""
+                if v and v not in ("NULL", "NaN", "nan") and not _parses(v, t):
+                    kind = "an integer" if pa.types.is_integer(t) else "a number"
+                    return f"line {rows.line_num}: column '{col}' value {v[:40]!r} is not {kind}"
+    return None
+
+
+def check_required(path: Path, table: pa.Table, names: Sequence[str], types: Dict[str, pa.DataType],
+                   required: Sequence[str], *, delimiter: str = ",", header: bool = True, max_lines: int = 0) -> None:
+    """Raise :class:`DataError` naming the line when a ``required`` column holds a null."""
+    for col in required:
+        if table.column(col).null_count:
+            bad = find_bad_line(path, names, types, required, delimiter=delimiter, header=header, max_lines=max_lines)
+            raise DataError(f"{path}: {bad or f'column {col!r} has empty values'}")
+
+
 def read_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.DataType]] = None,
-             max_rows: int = 0) -> pa.Table:
+             max_rows: int = 0, required: Sequence[str] = ()) -> pa.Table:
     """Read a CSV with a header, keeping ``columns`` (missing ones raise naming file + column).
+
+    A row with the wrong number of fields, a value of the wrong type or an empty
+    ``required`` field raises :class:`DataError` naming the file and the line.
 
     Args:
         path: the file.
         columns: the columns to keep (header names; surrounding spaces in the header are ignored).
         types: explicit column types.
         max_rows: stop after this many rows (0: all).
+        required: columns that must not be empty on any row.
     """
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (expected a header line with {', '.join(columns)})")
+    names: List[str] = []
     try:
         with open(path, "rb") as fh:
             header = fh.readline().decode("utf-8", "replace").strip().split(",")
@@ -41,17 +108,21 @@ def read_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.Da
         conv = pacsv.ConvertOptions(include_columns=list(columns), column_types=types or {},
                                     null_values=["", "NULL", "NaN", "nan"], strings_can_be_null=True)
         if not max_rows:
-            return pacsv.read_csv(path, read_options=read, convert_options=conv)
-        batches, n = [], 0
-        with pacsv.open_csv(path, read_options=read, convert_options=conv) as reader:
-            for batch in reader:
-                batches.append(batch)
-                n += batch.num_rows
-                if n >= max_rows:
-                    break
-        return pa.Table.from_batches(batches).slice(0, max_rows) if batches else pa.table({c: [] for c in columns})
+            table = pacsv.read_csv(path, read_options=read, convert_options=conv)
+        else:
+            batches, n = [], 0
+            with pacsv.open_csv(path, read_options=read, convert_options=conv) as reader:
+                for batch in reader:
+                    batches.append(batch)
+                    n += batch.num_rows
+                    if n >= max_rows:
+                        break
+            table = pa.Table.from_batches(batches).slice(0, max_rows) if batches else pa.table({c: [] for c in columns})
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: cannot parse CSV ({e})") from e
+        bad = find_bad_line(path, names, types or {}, required, max_lines=max_rows) if names else None
+        raise DataError(f"{path}: {bad or f'cannot parse CSV ({e})'}") from e
+    check_required(path, table, names, types or {}, required, max_lines=max_rows)
+    return table
 
 
 def stream_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.DataType]] = None
@@ -69,7 +140,8 @@ def stream_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.
         with pacsv.open_csv(path, read_options=read, convert_options=conv) as reader:
             yield from reader
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: cannot parse CSV ({e})") from e
+        bad = find_bad_line(path, names, types or {})
+        raise DataError(f"{path}: {bad or f'cannot parse CSV ({e})'}") from e
 
 
 class Vocab:

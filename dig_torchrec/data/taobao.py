@@ -38,10 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dig_torchrec.data.build import ExtraEvents, build_in_memory, item_key_csr
 from dig_torchrec.data.rawcsv import Vocab, entity_ids, log_bucket, read_csv, require, stream_csv
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.data.u2i import U2ISpec, describe
 from dig_torchrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +47,7 @@ logger = logging.getLogger(__name__)
 PROFILE_COLUMNS = ["cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
                    "shopping_level", "occupation", "new_user_class_level"]
 AD_COLUMNS = ["cate_id", "campaign_id", "customer", "brand"]
+MAX_TIMESTAMP = 10**13  # Unix seconds or milliseconds (year 2286 in ms)
 
 
 def convert(src: str | Path, out: str | Path, history_length: int = 20, max_rows: int = 0,
@@ -72,16 +71,21 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, max_rows
     i64 = pa.int64()
     sample = read_csv(spath, ["user", "time_stamp", "adgroup_id", "pid", "clk"],
                       {"user": i64, "time_stamp": i64, "adgroup_id": i64, "pid": pa.string(), "clk": i64},
-                      max_rows=max_rows)
+                      max_rows=max_rows, required=["user", "time_stamp", "adgroup_id", "clk"])
     if sample.num_rows == 0:
         raise DataError(f"{spath}: no rows")
     for col in ("user", "time_stamp", "adgroup_id", "clk"):
         if sample.column(col).null_count:
             row = int(np.flatnonzero(sample.column(col).is_null().to_numpy(zero_copy_only=False))[0])
             raise DataError(f"{spath}: column '{col}' row {row}: missing value")
+    ts_check = sample.column("time_stamp").to_numpy()
+    if ts_check.size and (ts_check.min() < 0 or ts_check.max() > MAX_TIMESTAMP):
+        row = int(np.flatnonzero((ts_check < 0) | (ts_check > MAX_TIMESTAMP))[0])
+        raise DataError(f"{spath}: line {row + 2}: column 'time_stamp' value {int(ts_check[row])} is not a Unix time")
     ads = read_csv(apath, ["adgroup_id", *AD_COLUMNS, "price"],
-                   {"adgroup_id": i64, **{c: i64 for c in AD_COLUMNS}, "price": pa.float64()})
-    prof = read_csv(ppath, ["userid", *PROFILE_COLUMNS], {"userid": i64, **{c: i64 for c in PROFILE_COLUMNS}})
+                   {"adgroup_id": i64, **{c: i64 for c in AD_COLUMNS}, "price": pa.float64()}, required=["adgroup_id"])
+    prof = read_csv(ppath, ["userid", *PROFILE_COLUMNS], {"userid": i64, **{c: i64 for c in PROFILE_COLUMNS}},
+                    required=["userid"])
     user_vocab, (user, prow) = entity_ids(sample.column("user"), prof.column("userid"))
     item_vocab, (item, arow) = entity_ids(sample.column("adgroup_id"), ads.column("adgroup_id"))
     n_users, n_items = len(user_vocab) - 1, len(item_vocab) - 1
@@ -107,6 +111,10 @@ def convert(src: str | Path, out: str | Path, history_length: int = 20, max_rows
     pid_vocab = Vocab([sample.column("pid")])
     ts = sample.column("time_stamp").to_numpy()
     label = (sample.column("clk").to_numpy() > 0).astype(np.int64)
+    # the heavy modules (torch) only once the raw files have been read and checked
+    from dig_torchrec.data.build import ExtraEvents, build_in_memory, item_key_csr
+    from dig_torchrec.data.u2i import U2ISpec, describe
+
     meta = DatasetMeta(
         name="taobao_ad", num_users=n_users, num_items=n_items, user_features=ucard,
         context_features={"pid": len(pid_vocab), "hour": 24},

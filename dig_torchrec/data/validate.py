@@ -7,6 +7,10 @@ column (and the row, 0-based within the file, where it is known):
 * null in a required column (everything but ``user_state``); ``user_state`` null on a click;
 * negative id, id beyond the table size in meta.json (unless ``data.hash_ids``);
 * NaN or inf in ``u2i``;
+* a timestamp outside ``[0, 10^13]`` (Unix seconds or milliseconds; e.g. the int64 minimum a
+  converter produces from a missing field);
+* ``user_state`` prefix statistics that are negative, NaN/inf, or decrease along a user's
+  rows in time (they are sums over strictly earlier events, so they can only grow);
 * empty dataset (no train rows), truncated or corrupt parquet file.
 
 The cheap checks (footers, schemas, row-group statistics) always run; the value scan
@@ -34,6 +38,9 @@ from dig_torchrec.errors import DataError
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = ".dig_validated.json"
+CHECKS_VERSION = 2  # bump when deep_check gains a check, so older caches do not skip it
+MIN_TIMESTAMP = 0
+MAX_TIMESTAMP = 10**13  # Unix milliseconds until the year 2286 (seconds are far below)
 
 
 def split_files(root: Path, split: str) -> List[Path]:
@@ -139,6 +146,11 @@ def deep_check(path: Path, pf: pq.ParquetFile, meta: DatasetMeta, cards: Dict[st
         arr = read(col)
         if arr.null_count:
             raise DataError(f"{path}: column '{col}' row {_first_bad_row(arr.is_null().to_numpy(zero_copy_only=False))}: null")
+    ts = read(TIMESTAMP).to_numpy()
+    if ts.size and (ts.min() < MIN_TIMESTAMP or ts.max() > MAX_TIMESTAMP):
+        r = _first_bad_row((ts < MIN_TIMESTAMP) | (ts > MAX_TIMESTAMP))
+        raise DataError(f"{path}: column 'timestamp' row {r}: value {int(ts[r])} outside [{MIN_TIMESTAMP}, "
+                        f"{MAX_TIMESTAMP}] (not a Unix time in seconds or milliseconds)")
     label = read(LABEL).to_numpy().astype(np.int64)
     if label.size and (label.min() < 0 or label.max() > 1):
         r = _first_bad_row((label < 0) | (label > 1))
@@ -168,10 +180,51 @@ def deep_check(path: Path, pf: pq.ParquetFile, meta: DatasetMeta, cards: Dict[st
         r = _first_bad_row(~np.isfinite(vals.reshape(n, meta.u2i_dim)).all(1))
         raise DataError(f"{path}: column 'u2i' row {r}: NaN or inf")
     state = read(USER_STATE).combine_chunks()
-    missing = state.is_null().to_numpy(zero_copy_only=False) & (label > 0)
+    present = ~state.is_null().to_numpy(zero_copy_only=False)
+    missing = ~present & (label > 0)
     if missing.any():
         raise DataError(f"{path}: column 'user_state' row {_first_bad_row(missing)}: null on a click row (label=1)")
+    user = read(USER_ID).to_numpy()
+    check_prefix_stats(path, state, present, user, ts, meta.u2i_stats)
     return n
+
+
+def check_prefix_stats(path: Path, state: pa.Array, present: np.ndarray, user: np.ndarray, ts: np.ndarray,
+                       stats: List[str]) -> None:
+    """``user_state`` statistics are finite, >= 0 and, summed over keys, never decrease along a
+    user's rows in time (rows with equal timestamps may come in any order).
+
+    Args:
+        path: the file (named in errors).
+        state: the ``user_state`` column (list<struct<key, stats...>>).
+        present: rows whose state is not null.
+        user: user ids per row.
+        ts: timestamps per row.
+        stats: the statistic fields (meta.json ``u2i_stats``).
+    """
+    if not stats or not present.any():
+        return
+    offsets = state.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = state.values if hasattr(state, "values") else state.flatten()
+    rows = np.flatnonzero(present)
+    for stat in stats:
+        vals = flat.field(stat).to_numpy(zero_copy_only=False).astype(np.float64)
+        if vals.size and not (np.isfinite(vals).all() and vals.min() >= 0):
+            bad = ~np.isfinite(vals) | (vals < 0)
+            r = int(np.searchsorted(offsets, _first_bad_row(bad), side="right") - 1)
+            raise DataError(f"{path}: column 'user_state' row {r}: statistic '{stat}' is negative, NaN or inf")
+        cs = np.concatenate([[0.0], np.cumsum(vals)])
+        total = (cs[offsets[1:]] - cs[offsets[:-1]])[rows]
+        order = np.lexsort((total, ts[rows], user[rows]))
+        u, t = user[rows][order], total[order]
+        same = u[1:] == u[:-1]
+        drop = same & (t[1:] < t[:-1] - 1e-4 * np.maximum(1.0, np.abs(t[:-1])))
+        if drop.any():
+            j = _first_bad_row(drop) + 1
+            r = int(rows[order][j])
+            raise DataError(f"{path}: column 'user_state' row {r}: statistic '{stat}' summed over keys is "
+                            f"{t[j]:g}, below {t[j - 1]:g} at an earlier row of user {int(u[j])} (prefix statistics "
+                            f"must not decrease in time)")
 
 
 def _fingerprint(files: List[Path]) -> Dict[str, List[int]]:
@@ -215,7 +268,8 @@ def validate_dataset(root: str | Path, data_cfg: Optional[DataConfig] = None, *,
     if deep and use_cache and cache_path.exists():
         try:
             c = json.loads(cache_path.read_text())
-            cached = c.get("files") == fp and c.get("hash_ids") == data_cfg.hash_ids
+            cached = (c.get("files") == fp and c.get("hash_ids") == data_cfg.hash_ids
+                      and c.get("checks") == CHECKS_VERSION)
         except (OSError, json.JSONDecodeError):
             cached = False
     for split in SPLITS:
@@ -240,7 +294,7 @@ def validate_dataset(root: str | Path, data_cfg: Optional[DataConfig] = None, *,
     if deep and not cached and use_cache:
         try:  # atomic: several ranks may validate the same root at once
             tmp = cache_path.with_name(f"{CACHE_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"files": fp, "hash_ids": data_cfg.hash_ids}))
+            tmp.write_text(json.dumps({"files": fp, "hash_ids": data_cfg.hash_ids, "checks": CHECKS_VERSION}))
             os.replace(tmp, cache_path)
         except OSError:
             pass

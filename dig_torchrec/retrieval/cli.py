@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
-from dig_torchrec.errors import DataError
+from dig_torchrec.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` and ``retrieve`` subcommands."""
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint: Recall/NDCG@K, AUCs, beam fidelity (paper §4)")
     _common(ev)
-    ev.add_argument("--out", help="write the metrics JSON here")
+    ev.add_argument("--out", help="write the metrics JSON here (a .json file; replaced atomically if it exists)")
     ev.add_argument("--exclude-history", action="store_true", default=None,
                     help="drop the user's history items from the candidates (default: eval.exclude_history)")
     ev.add_argument("--max-users", type=int, default=None, help="evaluate a seeded subset of target users")
@@ -49,19 +48,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="beam: Eq. 16 beam search; unified: beam + rank-path rerank (Eq. 17); exhaustive: every "
                          "leaf scored by the recall path; full: every item scored by the rank path")
     rt.add_argument("--exclude-history", action="store_true", default=False, help="drop history items")
-    rt.add_argument("--out", help="write results to FILE.json or FILE.parquet")
+    rt.add_argument("--out", help="write results to FILE.json or FILE.parquet (must not exist unless --force)")
+    rt.add_argument("--force", action="store_true", help="replace an existing --out file")
     rt.set_defaults(func=run_retrieve)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (run/checkpoints/step-N) or export bundle")
     p.add_argument("--split", default="test", choices=["test", "valid"], help="which leave-last-out targets")
-    p.add_argument("--rebuild-index", action="store_true", help="rebuild CKPT/sid_index even if saved")
+    p.add_argument("--rebuild-index", action="store_true",
+                   help="rebuild the SID index in memory even if CKPT/sid_index is saved (the saved one is never rewritten)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.beam_size=128 data.path=DIR")
 
 
+def check_out_file(out: Optional[str], suffixes: Sequence[str], *, overwrite: bool) -> None:
+    """Check an ``--out`` file before any work: its suffix, a writable parent directory
+    (not a file), and that it does not exist unless ``overwrite``.
+
+    Args:
+        out: the ``--out`` argument (None: nothing to check).
+        suffixes: accepted file name suffixes.
+        overwrite: an existing file may be replaced.
+    """
+    if not out:
+        return
+    p = Path(out)
+    if p.suffix not in suffixes:
+        raise ConfigError(f"--out {p}: use a {' or '.join(suffixes)} file name")
+    if p.is_dir():
+        raise ConfigError(f"--out {p}: is a directory; pass a file name")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"--out {p}: already exists; choose a new file name or pass --force to replace it")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {p}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise ConfigError(f"--out {p}: directory {parent} is not writable")
+            break
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Unknown keys, wrong types and malformed ``key=value`` overrides fail before any loading."""
+    from dig_torchrec.config import DIGConfig, _apply, parse_override
+
+    for o in overrides:
+        _apply(DIGConfig(), parse_override(o))
+
+
+def check_checkpoint_arg(path: str) -> None:
+    """``--checkpoint`` exists and is a directory (cheap, before torch is imported)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--checkpoint {p}: checkpoint directory does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"--checkpoint {p}: is a file; pass a checkpoint directory (run/checkpoints/step-N), "
+                          f"a run directory or a serving bundle")
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if args.max_users is not None and args.max_users < 0:
+        raise ConfigError(f"--max-users must be >= 0 (0: every user), got {args.max_users}")
+    if args.max_exposure_batches < 0:
+        raise ConfigError(f"--max-exposure-batches must be >= 0 (0: all), got {args.max_exposure_batches}")
+    check_out_file(args.out, (".json",), overwrite=True)
+    check_overrides(args.overrides)
+    check_checkpoint_arg(args.checkpoint)
+
     from dig_torchrec.retrieval.evaluate import evaluate, format_table, load_inference_bundle, write_json
 
     bundle = load_inference_bundle(args.checkpoint, args.overrides, rebuild_index=args.rebuild_index)
@@ -87,13 +141,55 @@ def _parse_users(text: str) -> List[int]:
     return users
 
 
-def run_retrieve(args: argparse.Namespace) -> int:
-    from dig_torchrec.data.reader import load_targets
-    from dig_torchrec.retrieval.evaluate import load_inference_bundle, retrieve_topn
+def _check_users_have_targets(checkpoint: str, overrides: Sequence[str], split: str, users: List[int]) -> None:
+    """Every ``--users`` id has a leave-last-out target row (read from parquet before the model loads).
 
+    Skipped when the checkpoint's config or dataset cannot be read here; the loader then
+    names the problem.
+    """
+    import pyarrow.parquet as pq
+
+    from dig_torchrec.config import DIGConfig, _apply, parse_override
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint
+    from dig_torchrec.training.loading import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    try:
+        import yaml
+
+        cfg = DIGConfig()
+        _apply(cfg, yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+        for o in overrides:
+            _apply(cfg, parse_override(o))
+        path = Path(cfg.data.path) / "retrieval" / f"{split}.parquet"
+        if not (Path(cfg.data.path) / "meta.json").is_file():
+            return
+    except Exception:  # noqa: BLE001  the full load reports damaged inputs with their names
+        return
+    check_dataset_fingerprint(ckpt, cfg.data.path)  # another dataset: say so, not "user has no target"
+    try:
+        have = set(pq.read_table(path, columns=["user_id"]).column(0).to_pylist())
+    except Exception:  # noqa: BLE001  the full load reports damaged inputs with their names
+        return
+    missing = [u for u in users if u not in have]
+    if missing:
+        raise DataError(f"user {missing[0]} has no {split} retrieval target in {path}")
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
     users = _parse_users(args.users)
     if args.topk <= 0:
         raise DataError(f"--topk must be > 0, got {args.topk}")
+    check_out_file(args.out, (".json", ".parquet"), overwrite=args.force)
+    check_overrides(args.overrides)
+    check_checkpoint_arg(args.checkpoint)
+    _check_users_have_targets(args.checkpoint, args.overrides, args.split, users)
+
+    import torch
+
+    from dig_torchrec.data.reader import load_targets
+    from dig_torchrec.retrieval.evaluate import load_inference_bundle, retrieve_topn
+
     bundle = load_inference_bundle(args.checkpoint, args.overrides, rebuild_index=args.rebuild_index)
     targets = load_targets(bundle.data_root, args.split, bundle.schema)
     rows = []
@@ -127,16 +223,22 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
 
 def _write_records(records: List[Dict[str, Any]], path: Path, mode: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(records), path)
-    elif path.suffix == ".json":
-        path.write_text(json.dumps({"mode": mode, "results": records}, indent=2))
-    else:
+    """Write atomically (a temp file renamed over ``path``)."""
+    if path.suffix not in (".parquet", ".json"):
         raise DataError(f"--out {path}: use a .json or .parquet file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(records), tmp)
+        else:
+            tmp.write_text(json.dumps({"mode": mode, "results": records}, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -109,24 +109,17 @@ def load_inference_bundle(
     """
     from dig_torchrec.training.loading import load_for_inference
 
-    ckpt = Path(checkpoint)
-    if not ckpt.exists():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
-    model, cfg, _ = load_for_inference(ckpt)
-    ckpt = _resolved_dir(ckpt)
+    from dig_torchrec.training.loading import resolve_checkpoint
+
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
+
+    ckpt = resolve_checkpoint(checkpoint)  # a run directory -> its newest complete checkpoint
+    wanted = apply_overrides(read_config(ckpt), overrides)  # bad overrides / another dataset: fail before loading
+    if (Path(wanted.data.path) / "meta.json").is_file():
+        check_dataset_fingerprint(ckpt, wanted.data.path)
+    model, cfg, _ = load_for_inference(ckpt, require_tokenizer=True)
     cfg = apply_overrides(cfg, overrides)
     return bundle_from_model(model, cfg, ckpt, rebuild_index=rebuild_index, save_index=save_index)
-
-
-def _resolved_dir(path: Path) -> Path:
-    """The concrete checkpoint a run directory stands for (its newest complete one), so the
-    SID index lands next to the checkpoint it was built from; bundles are returned as is."""
-    try:
-        from dig_torchrec.training.loading import resolve_checkpoint
-
-        return Path(resolve_checkpoint(path))
-    except (ImportError, CheckpointError):
-        return path
 
 
 def bundle_from_model(
@@ -135,6 +128,10 @@ def bundle_from_model(
 ) -> InferenceBundle:
     """Wrap an in-memory model: open ``cfg.data.path`` and load/build the SID index under
     ``checkpoint/sid_index``.
+
+    ``cfg.data.path`` must be the checkpoint's training dataset (its recorded fingerprint,
+    :func:`~dig_torchrec.training.checkpoint.check_dataset_fingerprint`); a saved SID index
+    is never overwritten.
 
     Args:
         model: a ``DIGModel`` (put in eval mode here).
@@ -155,6 +152,9 @@ def bundle_from_model(
             f"{root / 'meta.json'}: dataset of checkpoint {ckpt} not found (config key 'data.path' = "
             f"{cfg.data.path!r}; pass data.path=DIR to point at it)"
         )
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint
+
+    check_dataset_fingerprint(ckpt, root)
     meta, schema = open_dataset(root, cfg.data)
     items = ItemTable.load(root, schema, meta)
     index = SidIndex.load_or_build(ckpt, model, items, rebuild=rebuild_index, save=save_index)

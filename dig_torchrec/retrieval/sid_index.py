@@ -271,14 +271,18 @@ class SidIndex:
         cls, checkpoint_dir: str | Path, model: torch.nn.Module, items: "ItemTable", rebuild: bool = False,
         save: bool = True,
     ) -> "SidIndex":
-        """Load ``CKPT/sid_index`` if present and consistent with the model, else build it (and save).
+        """Load ``CKPT/sid_index`` if present and consistent with the model, else build it.
+
+        A freshly built index is saved only where none exists (a cache beside a training
+        checkpoint); an existing ``sid_index/`` is never overwritten.
 
         Args:
             checkpoint_dir: the checkpoint (or export bundle) directory.
             model: the loaded model, used to build the index when needed.
             items: the item table.
             rebuild: ignore a saved index.
-            save: write a freshly built index next to the checkpoint (skipped if not writable).
+            save: write a freshly built index next to the checkpoint when it has none (skipped if
+                not writable).
         """
         d = cls.default_dir(checkpoint_dir)
         if d.exists() and not rebuild:
@@ -291,12 +295,14 @@ class SidIndex:
                         and index.num_layers == model.cfg.tokenizer.num_layers:
                     logger.info("loaded SID index from %s", d)
                     return index
-                logger.warning("saved SID index at %s does not match the model/item table; rebuilding", d)
+                logger.warning("saved SID index at %s does not match the model/item table; rebuilding it in memory", d)
         index = cls.build(model, items)
-        if save:
+        if d.exists():  # never rewrite what a checkpoint or bundle holds
+            logger.info("rebuilt the SID index in memory; %s is left as it is", d)
+        elif save:
             try:
                 index.save(d)
-            except OSError as e:  # read-only bundle: keep the in-memory index
+            except OSError as e:  # read-only checkpoint: keep the in-memory index
                 logger.warning("could not write SID index to %s: %s", d, e)
         return index
 

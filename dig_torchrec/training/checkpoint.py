@@ -8,6 +8,8 @@ Layout of one checkpoint (``run_dir/checkpoints/step-N/``)::
     dataset_meta.json              DatasetMeta of the training data (inference needs no dataset)
     train_state.json               step, epoch, world size, per-table sharding types, metrics
     rank_state/rank-<r>.pt         per-rank reader position and RNG state
+    dataset_fingerprint.json       sizes, cardinalities and sha256 of meta.json / items.parquet of
+                                   the training data: eval/retrieve/export refuse another dataset
     COMPLETE                       written last: a directory without it is never loaded
 
 Saving writes into ``checkpoints/.tmp-step-N/`` and renames it to ``step-N`` only after
@@ -21,10 +23,13 @@ saved on 2 ranks loads on 1 (or 8): each rank reads the slices its new plan owns
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
 import re
+import zipfile
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,10 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dig_torchrec.config import DIGConfig, config_from_dict, flatten, save_config
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.errors import CheckpointError, ConfigError, NumericalError
+from dig_torchrec.errors import CheckpointError, ConfigError, DIGError, NumericalError
 from dig_torchrec.training.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ CONFIG_FILE = "config.yaml"
 DATASET_META_FILE = "dataset_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
 RANK_STATE_DIR = "rank_state"
+DATASET_FINGERPRINT_FILE = "dataset_fingerprint.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 # Config keys that fix the shapes or meaning of the saved tensors: a checkpoint whose
@@ -113,8 +120,16 @@ def read_train_state(path: str | Path) -> Dict[str, Any]:
         return json.loads(p.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{p}: missing (not a dig checkpoint directory?)") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: invalid JSON, the checkpoint is damaged ({e})") from e
+
+
+def saved_time(path: str | Path) -> float:
+    """When a checkpoint was written (``train_state.json`` ``time``; 0 if unreadable)."""
+    try:
+        return float(read_train_state(path).get("time", 0.0))
+    except (CheckpointError, TypeError, ValueError):
+        return 0.0
 
 
 def read_config(path: str | Path) -> DIGConfig:
@@ -126,15 +141,20 @@ def read_config(path: str | Path) -> DIGConfig:
         return config_from_dict(yaml.safe_load(p.read_text()) or {})
     except ConfigError as e:
         raise CheckpointError(f"{p}: stored config is invalid: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{p}: unreadable YAML, the checkpoint is damaged ({_one_line(e)})") from e
 
 
 def read_dataset_meta(path: str | Path) -> DatasetMeta:
     p = Path(path) / DATASET_META_FILE
     if not p.is_file():
         raise CheckpointError(f"{p}: missing (not a dig checkpoint directory?)")
-    d = json.loads(p.read_text())
-    known = set(DatasetMeta.__dataclass_fields__)
-    return DatasetMeta(**{k: v for k, v in d.items() if k in known})
+    try:
+        d = json.loads(p.read_text())
+        known = set(DatasetMeta.__dataclass_fields__)
+        return DatasetMeta(**{k: v for k, v in d.items() if k in known})
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{p}: unreadable, the checkpoint is damaged ({_one_line(e)})") from e
 
 
 def check_compatible(
@@ -180,7 +200,7 @@ def check_state_shapes(path: str | Path, state: Mapping[str, Any], prefix: str =
         state: the (possibly sharded) state dict that is about to be loaded.
         prefix: the top-level key ``state`` was saved under.
     """
-    md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    md = read_dcp_metadata(path).state_dict_metadata
     for name, value in state.items():
         fqn = f"{prefix}.{name}"
         if not isinstance(value, torch.Tensor):
@@ -284,6 +304,288 @@ BEST_LINK = "best"  # checkpoints/best -> step-N, the best checkpoint by train.s
 BEST_FILE = "best.json"
 
 
+# ---------------------------------------------------------------------- verification
+def _one_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: report the first rank's exception
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            e = inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def dcp_load_error(path: str | Path, e: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a failed ``dcp.load`` of ``path``, naming the
+    tensor file when the checkpoint has only one."""
+    p = Path(path)
+    try:
+        files = sorted(storage_files(p))
+    except CheckpointError:
+        files = []
+    where = p / files[0] if len(files) == 1 else p
+    return CheckpointError(f"{where}: cannot load, the checkpoint is damaged ({_one_line(e)})")
+
+
+def read_dcp_metadata(path: str | Path) -> Any:
+    """The DCP ``.metadata`` of a checkpoint; a damaged file raises :class:`CheckpointError` naming it."""
+    p = Path(path)
+    try:
+        return dcp.FileSystemReader(str(p)).read_metadata()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{p / '.metadata'}: missing (not a checkpoint directory?)") from e
+    except Exception as e:  # pickle/EOF/attribute errors of a truncated or overwritten file
+        raise CheckpointError(f"{p / '.metadata'}: unreadable, the checkpoint is damaged ({_one_line(e)})") from e
+
+
+def storage_files(path: str | Path, md: Any = None) -> Dict[str, Tuple[int, List[str]]]:
+    """relative tensor file -> (bytes the metadata says it holds at least, tensor names in it).
+
+    Args:
+        path: a checkpoint directory.
+        md: its DCP metadata (read if omitted).
+    """
+    md = md if md is not None else read_dcp_metadata(path)
+    out: Dict[str, Tuple[int, List[str]]] = {}
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        size, names = out.get(rel, (0, []))
+        out[rel] = (max(size, end), names + [getattr(index, "fqn", str(index))])
+    return out
+
+
+def file_of_tensor(path: str | Path, fqn: str, md: Any = None) -> Path:
+    """The tensor file of checkpoint ``path`` that holds ``fqn`` (the directory if unknown)."""
+    for rel, (_, names) in storage_files(path, md).items():
+        if fqn in names:
+            return Path(path) / rel
+    return Path(path)
+
+
+class _Slice(io.RawIOBase):
+    """A read-only, seekable view of bytes ``[offset, offset + length)`` of an open file."""
+
+    def __init__(self, fh: Any, offset: int, length: int) -> None:
+        super().__init__()
+        self.fh, self.offset, self.length, self.pos = fh, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, min(self.length, pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos))
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.length - self.pos)
+        if n <= 0:
+            return 0
+        self.fh.seek(self.offset + self.pos)
+        data = self.fh.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+_ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # torch.save record: local header ... end of central dir
+
+
+def _check_records(p: Path, md: Any, deep: bool) -> None:
+    """Every tensor record of the DCP files is a whole ``torch.save`` zip; ``deep``: its CRC-32s match."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    by_file: Dict[str, List[Tuple[int, int, str]]] = {}
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        fqn = getattr(index, "fqn", str(index))
+        if isinstance(md.state_dict_metadata.get(fqn), TensorStorageMetadata):
+            by_file.setdefault(info.relative_path, []).append((int(info.offset), int(info.length), fqn))
+    for rel, items in by_file.items():
+        f = p / rel
+        with open(f, "rb") as fh:
+            for offset, length, fqn in sorted(items):
+                fh.seek(offset)
+                head = fh.read(4)
+                fh.seek(offset + length - 22)
+                tail = fh.read(4)
+                if head != _ZIP_HEAD or tail != _ZIP_END:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' (bytes {offset}-{offset + length}) is not a whole record; "
+                                          f"the checkpoint is damaged")
+                if not deep:
+                    continue
+                try:
+                    bad = zipfile.ZipFile(_Slice(fh, offset, length)).testzip()
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' is unreadable, the checkpoint is damaged "
+                                          f"({_one_line(e)})") from e
+                if bad is not None:
+                    raise CheckpointError(f"{f}: tensor '{fqn}' fails its CRC-32 check; the checkpoint is damaged")
+
+
+def verify_checkpoint_files(path: str | Path, deep: bool = False) -> None:
+    """Structural check of a checkpoint before anything is loaded or written.
+
+    ``train_state.json`` parses, ``.metadata`` unpickles, every tensor file it names
+    exists and is at least as long as the byte ranges it records, every tensor record in
+    it is a whole ``torch.save`` archive, and every ``rank_state/*.pt`` opens. With
+    ``deep``, every record's data is also checked against the CRC-32 its archive stores
+    (reads every byte once), which catches overwritten tensor bytes. Raises
+    :class:`CheckpointError` naming the damaged file (and tensor).
+
+    Args:
+        path: a checkpoint (or serving bundle) directory.
+        deep: verify the CRC-32 of every tensor record.
+    """
+    p = Path(path)
+    if (p / TRAIN_STATE_FILE).exists():
+        read_train_state(p)
+    md = read_dcp_metadata(p)
+    for rel, (need, _) in storage_files(p, md).items():
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: tensor file missing, the checkpoint is damaged")
+        size = f.stat().st_size
+        if size < need:
+            raise CheckpointError(f"{f}: truncated ({size} bytes, the metadata needs {need}); the checkpoint is damaged")
+    _check_records(p, md, deep)
+    rs = p / RANK_STATE_DIR
+    if rs.is_dir():
+        for f in sorted(rs.glob("rank-*.pt")):
+            load_rank_state(f)
+
+
+def load_rank_state(path: Path) -> Dict[str, Any]:
+    """One ``rank_state/rank-<r>.pt`` file; a damaged one raises :class:`CheckpointError` naming it."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # "PytorchStreamReader failed reading zip archive", EOFError, ...
+        raise CheckpointError(f"{path}: unreadable, the checkpoint is damaged ({_one_line(e)})") from e
+
+
+def check_finite_state(path: str | Path, state: Mapping[str, Any], prefix: str = "model") -> None:
+    """Refuse loaded weights holding NaN/inf, naming the tensor and the file it came from.
+
+    Args:
+        path: the checkpoint the state was loaded from.
+        state: the loaded state dict.
+        prefix: the top-level key it was saved under.
+    """
+    tensors = _local_tensors(state)
+    bad = _all_finite([t for _, t in tensors])
+    if bad is not None:
+        name = f"{prefix}.{tensors[bad][0]}"
+        raise CheckpointError(f"{file_of_tensor(path, name)}: tensor '{name}' holds NaN/inf; the checkpoint is "
+                              f"damaged or was written by a diverged run")
+
+
+# ---------------------------------------------------------------------- dataset fingerprint
+_FINGERPRINTS: Dict[Tuple[str, Tuple[Tuple[str, int, int], ...]], Dict[str, Any]] = {}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(root: str | Path) -> Dict[str, Any]:
+    """What identifies a dataset root: sizes, cardinalities, rows per split (parquet
+    footers) and the sha256 of ``meta.json`` and ``items.parquet`` (cached per process).
+
+    Args:
+        root: a dataset root made by ``dig data``.
+    """
+    import pyarrow.parquet as pq
+
+    from dig_torchrec.data.schema import SPLITS
+
+    r = Path(root)
+    files = [r / "meta.json", r / "items.parquet"]
+    for split in SPLITS:
+        files += sorted((r / split).glob("*.parquet"))
+    key = (str(r.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()))
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    meta = DatasetMeta.load(r)
+    rows: Dict[str, int] = {}
+    for split in SPLITS:
+        try:
+            rows[split] = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((r / split).glob("*.parquet")))
+        except Exception as e:  # noqa: BLE001  a damaged file: the data layer names it on open
+            raise CheckpointError(f"{r / split}: cannot read row counts for the dataset fingerprint ({_one_line(e)})") from e
+    fp = {
+        "num_users": meta.num_users,
+        "num_items": meta.num_items,
+        "cardinalities": {**meta.user_features, **meta.context_features, **meta.item_features},
+        "u2i_dim": meta.u2i_dim,
+        "rows": rows,
+        "meta_sha256": _sha256(r / "meta.json"),
+        "items_sha256": _sha256(r / "items.parquet") if (r / "items.parquet").is_file() else None,
+    }
+    _FINGERPRINTS[key] = fp
+    return fp
+
+
+def check_dataset_fingerprint(checkpoint: str | Path, data_root: str | Path) -> None:
+    """Refuse to evaluate/retrieve/export ``checkpoint`` on a dataset other than its training data.
+
+    Compares ``CKPT/dataset_fingerprint.json`` with :func:`dataset_fingerprint` of
+    ``data_root`` and raises :class:`CheckpointError` naming the first difference.
+    Checkpoints written before fingerprints existed are accepted with a warning.
+
+    Args:
+        checkpoint: a checkpoint or serving bundle directory.
+        data_root: the dataset it is about to read (``data.path``).
+    """
+    f = Path(checkpoint) / DATASET_FINGERPRINT_FILE
+    if not f.is_file():
+        logger.warning("%s records no dataset fingerprint (an older checkpoint); cannot check that data.path=%s is "
+                       "its training data", checkpoint, data_root)
+        return
+    try:
+        saved = json.loads(f.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{f}: invalid JSON, the checkpoint is damaged ({_one_line(e)})") from e
+    now = dataset_fingerprint(data_root)
+    labels = {"num_users": "users", "num_items": "items", "cardinalities": "feature cardinalities",
+              "u2i_dim": "u2i_dim", "rows": "rows per split", "meta_sha256": "sha256 of meta.json",
+              "items_sha256": "sha256 of items.parquet"}
+    for k, label in labels.items():
+        if k in saved and saved[k] != now.get(k):
+            a, b = saved[k], now.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = next((x for x in sorted(set(a) | set(b)) if a.get(x) != b.get(x)), None)
+                a, b, label = a.get(diff), b.get(diff), f"{label} ['{diff}']"
+            elif isinstance(a, str):
+                a, b = a[:12], (b or "none")[:12]
+            raise CheckpointError(
+                f"config key 'data.path' = '{data_root}' is not the dataset checkpoint {checkpoint} was trained on: "
+                f"{label} is {b} there but was {a} in training ({f.name}); pass data.path=<its training dataset>"
+            )
+
+
+def write_dataset_fingerprint(directory: Path, data_root: str | Path) -> None:
+    """Write ``dataset_fingerprint.json`` of ``data_root`` into ``directory`` (skipped with a
+    warning when the dataset is not readable from here)."""
+    try:
+        fp = dataset_fingerprint(data_root)
+    except (DIGError, OSError) as e:
+        logger.warning("no dataset fingerprint in %s: %s", directory, e)
+        return
+    _write_text_atomic(directory / DATASET_FINGERPRINT_FILE, json.dumps(fp, indent=2))
+
+
 class CheckpointManager:
     """Writes, lists, prunes and loads the checkpoints of one run directory.
 
@@ -315,9 +617,18 @@ class CheckpointManager:
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
+    def written_order(self) -> List[Tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, least recently written first
+        (``train_state.json`` ``time``, then the step)."""
+        return sorted(self.complete_checkpoints(), key=lambda sp: (saved_time(sp[1]), sp[0]))
+
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None."""
-        done = self.complete_checkpoints()
+        """The most recently written complete checkpoint, or None.
+
+        Normally also the highest step; after ``--resume`` from an earlier step into the
+        same run it is the continuation's checkpoint, not a stale higher-numbered one.
+        """
+        done = self.written_order()
         return done[-1][1] if done else None
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
@@ -326,6 +637,9 @@ class CheckpointManager:
         Args:
             resume: None/"" (start fresh), ``auto`` (newest complete checkpoint of this run,
                 or fresh if there is none), or a path to a checkpoint directory.
+
+        The checkpoint's files are verified (:func:`verify_checkpoint_files`; rank 0 also
+        checks every tensor record's CRC-32) before it is returned.
         """
         if not resume:
             return None
@@ -333,12 +647,15 @@ class CheckpointManager:
             path = self.latest()
             if path is None:
                 logger.info("--resume auto: no complete checkpoint under %s; starting fresh", self.dir)
+            else:
+                verify_checkpoint_files(path, deep=_is_rank_zero())  # before anything in run_dir is written
             return path
         p = Path(resume)
         if not p.is_dir():
             raise CheckpointError(f"--resume {resume}: checkpoint directory does not exist")
         if not is_complete(p):
             raise CheckpointError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker); it was interrupted while saving")
+        verify_checkpoint_files(p, deep=_is_rank_zero())
         return p
 
     # ------------------------------------------------------------------ saving
@@ -392,6 +709,8 @@ class CheckpointManager:
             if dataset_meta is not None:
                 dataset_meta.save(tmp)
                 os.replace(tmp / "meta.json", tmp / DATASET_META_FILE)
+            if (Path(config.data.path) / "meta.json").is_file():
+                write_dataset_fingerprint(tmp, config.data.path)
             info = {
                 "step": step,
                 "epoch": epoch,
@@ -453,7 +772,7 @@ class CheckpointManager:
         return info if is_complete(self.dir / str(info.get("checkpoint", ""))) else None
 
     def _prune(self) -> None:
-        done = self.complete_checkpoints()
+        done = self.written_order()  # keep the k most recently written, and the best one
         best = self.read_best()
         keep = {best["checkpoint"]} if best else set()
         done = [(s, p) for s, p in done if p.name not in keep]
@@ -486,13 +805,17 @@ class CheckpointManager:
         info_d = read_train_state(p)
         try:
             dcp.load(state, checkpoint_id=str(p))
-        except Exception as e:  # DCP raises a bare RuntimeError/CheckpointException with per-rank traces
-            raise CheckpointError(f"{p}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        except (Exception, CheckpointException) as e:  # DCP wraps errors (CheckpointException is a BaseException)
+            if _interrupted(e):
+                raise KeyboardInterrupt from e
+            raise dcp_load_error(p, e) from e
+        if "model" in state:
+            check_finite_state(p, state["model"], "model")
         rank_state = None
         saved_world = int(info_d.get("world_size", 1))
         rs = p / RANK_STATE_DIR / f"rank-{self.rank}.pt"
         if saved_world == self.world_size and rs.is_file():
-            rank_state = torch.load(rs, weights_only=False)
+            rank_state = load_rank_state(rs)
         return CheckpointInfo(
             path=p,
             step=int(info_d["step"]),
@@ -502,6 +825,18 @@ class CheckpointManager:
             extra=dict(info_d.get("extra", {})),
             rank_state=rank_state,
         )
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of the launcher's environment (``--resume`` is resolved before the process group
+    exists): only it reads every byte of a checkpoint to check its CRC-32s."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _interrupted(e: BaseException) -> bool:
+    from dig_torchrec.cli import interrupted
+
+    return interrupted(e)
 
 
 def _collective_device() -> torch.device:

@@ -11,6 +11,9 @@ one dict lookup per step.
     files are written, before the checkpoint is marked ``COMPLETE``.
 ``DIG_FAULT_RANK=r``
     Only rank ``r`` dies (default: every rank that reaches the point).
+``DIG_FAULT_SIGNAL=INT``
+    Send this signal instead of SIGKILL (``INT``: the Ctrl-C path, which must end with
+    ``error: interrupted``, exit 130, and no ``COMPLETE`` checkpoint).
 
 A fault fires only on the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT``
 unset or 0), so the restarted workers run through.
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 KILL_AT_STEP = "DIG_FAULT_KILL_AT_STEP"
 KILL_IN_CHECKPOINT_SAVE = "DIG_FAULT_KILL_IN_CHECKPOINT_SAVE"
 FAULT_RANK = "DIG_FAULT_RANK"
+FAULT_SIGNAL = "DIG_FAULT_SIGNAL"
 
 _POINTS = {"step": KILL_AT_STEP, "checkpoint_save": KILL_IN_CHECKPOINT_SAVE}
 
@@ -52,7 +56,9 @@ def fault_point(point: str, step: int, rank: int = 0) -> None:
         rank: this process's rank (see ``DIG_FAULT_RANK``).
     """
     if _armed(_POINTS[point], step, rank):
-        logger.warning("test fault injection (%s=%d): rank %d SIGKILLs itself", _POINTS[point], step, rank)
+        name = (os.environ.get(FAULT_SIGNAL) or "KILL").upper().removeprefix("SIG")
+        what = "SIGKILLs itself" if name == "KILL" else f"sends itself SIG{name}"
+        logger.warning("test fault injection (%s=%d): rank %d %s", _POINTS[point], step, rank, what)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

@@ -185,16 +185,16 @@ class Trainer:
         steps_per_epoch = self.train_reader.num_batches
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
         self.metrics = TrainMetrics(cfg.tokenizer.num_layers)
-        self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0)
         # DIGModel.forward calls embedding_bags(batch.sparse_features) first and hides the rest
         # behind torch.fx.wrap, so the pipeline prefetches that call's input all-to-all;
         # sid_embedding_bags (fed by SIDs computed in the step) runs unpipelined inside it.
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, custom_model_fwd=self._guarded_forward)
         # after the model is built: per-rank streams for dropout / sampling
         seed_everything(cfg.train.seed + 1000 * env.rank + 1)
+        self._maybe_resume()  # before the first write to run_dir: a damaged checkpoint leaves it untouched
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_rank0)
         if self.is_rank0:
             save_config(cfg, self.run_dir / "config.yaml")
-        self._maybe_resume()
         logger.info(
             "rank %d: %d steps per epoch, %d steps total, starting at step %d",
             env.rank, steps_per_epoch, self.total_steps, self.step,
