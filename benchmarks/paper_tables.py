@@ -150,7 +150,8 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
     run_dir = work / f"seed{seed}" / slug(base)
     if not any((run_dir / "checkpoints").glob("step-*/COMPLETE")) or (args.force and variant.reuse is None):
         overrides = [f"run_dir={run_dir}", f"train.seed={seed}", f"data.seed={seed}", *args.overrides, *src.train]
-        run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *overrides], run_dir / "train.log")
+        fresh = ["--fresh"] if any((run_dir / "checkpoints").glob("step-*/COMPLETE")) else []  # --force retrains
+        run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *fresh, *overrides], run_dir / "train.log")
     ckpt = latest_checkpoint(run_dir)
     cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
            "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]
