@@ -130,6 +130,9 @@ def test_evaluate_json_contract(bundle, tmp_path):
     assert len(res["recall_auc_per_layer"]) == bundle.index.num_layers
     assert res["recall_rank_auc_gap"] == pytest.approx(res["recall_auc"] - res["rank_auc"])
     assert res["collision_rate"] == pytest.approx(bundle.index.collision_stats().collision_rate)
+    sids = bundle.index.item_sids
+    assert res["sid_utilization_per_layer"] == [len(set(sids[:, l].tolist())) / bundle.index.num_codes
+                                                for l in range(bundle.index.num_layers)]
     assert res["recall@20"] >= res["recall@10"]
     out = tmp_path / "m.json"
     write_json(res, out)

@@ -473,6 +473,9 @@ def evaluate(
     res["beam_fidelity@10"] = M.overlap_at_k(run.items["beam"], run.items["exhaustive"], 10)
     stats = bundle.index.collision_stats()
     res["collision_rate"] = stats.collision_rate
+    sids = bundle.index.item_sids
+    res["sid_utilization_per_layer"] = [  # share of the K codes the catalog uses at each layer
+        int(torch.unique(sids[:, l]).numel()) / bundle.index.num_codes for l in range(sids.shape[1])]
     res.update(uni)
     res.update(M.retrieval_metrics(run.items["exhaustive"], tgt, ks, prefix="exhaustive_"))
     if full_ranking:
