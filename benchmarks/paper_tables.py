@@ -272,6 +272,15 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
     a(f"| Δ | {mean(dig, 'rank_auc') - mean(fixed, 'rank_auc'):+.4f} | "
       f"{mean(dig, 'recall_auc') - mean(fixed, 'recall_auc'):+.4f} | {rel:+.1f}% | |")
     a("")
+    a("SID codebook utilisation over the catalog (share of the K codes used at each layer; mean over seeds):")
+    a("")
+    a("| Config | " + " | ".join(f"layer {l + 1}" for l in range(len(dig[0].get("sid_utilization_per_layer") or []))) + " |")
+    a("|---|" + "---|" * len(dig[0].get("sid_utilization_per_layer") or []))
+    for name, r in (("DIG (E2E)", dig), ("Fixed SID", fixed)):
+        per = [x.get("sid_utilization_per_layer") for x in r if x.get("sid_utilization_per_layer")]
+        if per:
+            a(f"| {name} | " + " | ".join(f"{sum(p[l] for p in per) / len(per):.3f}" for l in range(len(per[0]))) + " |")
+    a("")
     a("## Table 6 (Ablation 2) and Ablations 3-4: R@10 / N@10")
     a("")
     a("| Config | R@10 | N@10 | ΔR@10 vs DIG |")
