@@ -211,9 +211,11 @@ def _mem_available_bytes() -> int:
 
 
 def memory_needed_bytes(variant: str, users: int, items: int, dim: int) -> int:
-    """Tables x (1 + full-size optimizer states) + 1.5 GiB headroom (torchrec: ~1x tables)."""
-    copies = {"torchrec": 1.1, "plain_adagrad": 2.1, "plain_sparse_adam": 3.1}[variant]
-    return int((users + items) * dim * 4 * copies + 1.5 * 2**30)
+    """Peak RSS measured at 20M x 64 (torchrec 1.05x the tables, plain_adagrad 2.9x: weights +
+    state + the sparse gradient's coalesce buffers, plain_sparse_adam 3.8x) with a margin, + 2 GiB
+    left to the other jobs of this shared machine."""
+    copies = {"torchrec": 1.2, "plain_adagrad": 3.0, "plain_sparse_adam": 4.0}[variant]
+    return int((users + items) * dim * 4 * copies + 2 * 2**30)
 
 
 def run_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -279,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pool", type=int, default=4, help="distinct id batches cycled through")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--memory-wait-s", type=float, default=120)
+    p.add_argument("--memory-wait-s", type=float, default=60)
     p.add_argument("--out", default=str(RESULTS_DIR / "embedding_stage.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -310,7 +312,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             spec = {"variant": variant, "users": args.users, "items": args.items, "dim": args.dim, "rows": args.rows,
                     "history": args.history, "steps": args.steps, "warmup": args.warmup, "pool": args.pool,
                     "threads": args.threads, "seed": 100 + rnd}
-            r = run_variant(spec)
+            try:
+                r = run_variant(spec)
+            except RuntimeError as e:  # e.g. killed by the OOM killer: record it, keep the other runs
+                logger.warning("round %d %s failed: %s", rnd, variant, e)
+                skipped.append({"round": rnd, "variant": variant, "failed": str(e)[-500:]})
+                continue
             r["round"] = rnd
             runs.append(r)
             logger.info("round %d %-17s step %.4fs (%.0f rows/s), peak RSS %.2f GiB, build %.0fs", rnd, variant,
