@@ -899,13 +899,19 @@ def _single_thread() -> Iterator[None]:
 
 
 def _prefetch_threads() -> int:
-    """Prefetch threads of a reader in the main process: the usable cores minus the one the
-    batching thread needs, at least 1."""
+    """Prefetch threads of a reader in the main process: this rank's share of the usable cores
+    (cores / ``LOCAL_WORLD_SIZE``, the ranks on this node) minus the one the batching thread
+    needs, at least 1. Without the division, 8 GPU ranks on a 64-core node would start 63
+    threads each."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        local_ranks = 1
+    return max(1, cores // local_ranks - 1)
 
 
 def _prefetch_thread_init() -> None:

@@ -127,7 +127,7 @@ class DIGTokenizer(nn.Module):
         if rank == 0:
             start = time.time()
             cb, s = balanced_tree_init(
-                flat.cpu(), self.num_codes, self.num_layers, kmeans_iters=self.cfg.init_kmeans_iters, seed=0,
+                flat, self.num_codes, self.num_layers, kmeans_iters=self.cfg.init_kmeans_iters, seed=0,
             )
             codebooks.copy_(cb.to(device))
             sids.copy_(s.to(device))

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _SCALAR_OPS = {torch.ops.aten._local_scalar_dense.default}
 _SHAPE_PREFIXES = ("aten.nonzero", "aten.unique", "aten._unique", "aten.masked_select")
 _PATCHED = ("cpu", "tolist", "numpy")
-_SKIP_FRAMES = ("syncs.py", "torch/_compile.py", "torch/utils/_contextlib.py", "torch/_tensor.py")
+_SKIP_FRAMES = ("syncs.py", "torch/_compile.py", "torch/_dynamo/", "torch/utils/_contextlib.py", "torch/_tensor.py")
 _HOST_STATE_FRAMES = ("torch/optim/",)
 
 
