@@ -190,7 +190,7 @@ class DIGTokenizer(nn.Module):
                 out[f"perplexity_l{layer + 1}"] = stats["perplexity"][layer].detach()
             out[f"dead_restarts_l{layer + 1}"] = self.quantizer.dead_restarts[layer].detach().clone()
         if self.collision_rate_in_metrics:
-            out["collision_rate"] = torch.tensor(self.collision_rate())
+            out["collision_rate"] = torch.tensor(self.collision_rate(), device=self.item_sid_table.device)
         out["init_collision_rate"] = self.init_collision_rate.detach().clone()
         return out
 

@@ -44,7 +44,7 @@ NAN_POLICIES = ("error", "skip")
 def nonfinite_flags(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[terms]`` int32 on the losses' device: 1 where a term holds a NaN/inf (no host sync)."""
     if not losses:
-        return torch.zeros(0, dtype=torch.int32)
+        return torch.zeros(0, dtype=torch.int32, device="cpu")
     finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
     return (~finite).to(torch.int32)
 

@@ -192,9 +192,9 @@ def _scalar_tensors(name: str, value: Any) -> Dict[str, torch.Tensor]:
             return {name: v[0]}
         return {f"{name}_l{i + 1}": v[i] for i in range(v.numel())}
     if isinstance(value, (int, float)):
-        return {name: torch.tensor(float(value))}
+        return {name: torch.tensor(float(value), device="cpu")}
     if isinstance(value, (list, tuple)):
-        return {f"{name}_l{i + 1}": torch.tensor(float(x)) for i, x in enumerate(value)}
+        return {f"{name}_l{i + 1}": torch.tensor(float(x), device="cpu") for i, x in enumerate(value)}
     return {}
 
 
@@ -236,7 +236,9 @@ class TrainMetrics:
         scalars = output_scalar_tensors(output)
         keys = tuple(scalars)
         if keys:
-            vec = torch.stack([v.to(torch.float64) for v in scalars.values()])
+            ref = getattr(output, "weights", None)
+            dev = ref.device if isinstance(ref, torch.Tensor) else next(iter(scalars.values())).device
+            vec = torch.stack([v.to(dev, torch.float64) for v in scalars.values()])
             finite = torch.isfinite(vec)  # NaN values (a skipped step) are not averaged in
             vec = torch.where(finite, vec, torch.zeros_like(vec))
             if keys in self._acc:

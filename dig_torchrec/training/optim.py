@@ -121,7 +121,7 @@ class GuardedOptimizer(OptimizerWrapper):
         """
         grads = [p.grad for p in self.params.values() if p.grad is not None and p.grad.numel()]
         if not grads:
-            return torch.zeros(1, dtype=torch.int32)
+            return torch.zeros(1, dtype=torch.int32, device="cpu")
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
         return (~finite.all()).to(torch.int32).reshape(1)
 
