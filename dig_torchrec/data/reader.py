@@ -437,6 +437,9 @@ class ExposureReader(IterableDataset):
             w = (self.items.popularity.double() + 1.0) ** data_cfg.popularity_alpha
             self._sample_cdf = torch.cumsum(w / w.sum(), 0)
         self._template: Optional[_Window] = None
+        # set by the trainer on CUDA (train.pin_memory): DataLoader workers' batches are then pinned
+        # by the DataLoader's pin thread (DIGBatch.pin_memory), off the training thread
+        self.pin_memory = False
         self.epoch = epoch
         self._batches_done = 0
         self._rows_done = 0
@@ -504,7 +507,7 @@ class ExposureReader(IterableDataset):
         else:
             loader = DataLoader(_WorkerStreams(self, start, self.epoch), batch_size=None,
                                 num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                persistent_workers=False)
+                                persistent_workers=False, pin_memory=self.pin_memory)
             stream = iter(loader)
         P = self.num_positive_slots
         for batch in stream:

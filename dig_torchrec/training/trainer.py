@@ -208,6 +208,7 @@ class Trainer:
                 self.train_reader.retrieval_size, cfg.train.lr, cfg.train.sparse_lr,
             )
         self.pin_memory = cfg.train.pin_memory and env.device.type == "cuda"
+        self.train_reader._reader.pin_memory = self.pin_memory  # data.num_workers > 0: the DataLoader pins
         configure_precision(self.dig, cfg.train, env.device)
         # the collision rate scans the whole SID table: read it at log steps, not in every forward
         self.dig.tokenizer.collision_rate_in_metrics = False
