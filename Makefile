@@ -11,7 +11,7 @@ TORCHREC_PIN := torchrec==1.8.0
 DEMO_DIR ?= runs/demo
 ML100K ?= ../shared/data/ml-100k
 
-.PHONY: venv test test-slow demo bench clean-demo failover
+.PHONY: venv test test-slow demo bench clean-demo failover gpu-smoke
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 
 failover: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/test_failover.py
+
+# On a host with >= 2 CUDA GPUs and a CUDA build of the stack in .venv (or PYTHON=...; e.g. the
+# docker/Dockerfile image): 2-GPU train, --resume auto, dig eval on CPU, GPU train-throughput.
+gpu-smoke:
+	bash benchmarks/gpu_smoke.sh
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

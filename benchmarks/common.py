@@ -306,7 +306,7 @@ class PlainEmbeddingBagCollection(nn.Module):
                 continue
             idx = [pos[f] for f in present]
             flat_len = lengths[idx].reshape(-1)
-            offsets = torch.zeros(flat_len.numel(), dtype=torch.long)
+            offsets = torch.zeros(flat_len.numel(), dtype=torch.long, device=flat_len.device)
             offsets[1:] = torch.cumsum(flat_len, 0)[:-1]
             vals = torch.cat([values[i] for i in idx]) if len(idx) > 1 else values[idx[0]]
             pooled = self.embedding_bags[name](vals, offsets)  # [len(present) * S, d]

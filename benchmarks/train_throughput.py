@@ -128,7 +128,12 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     from dig_torchrec.distributed.env import init_distributed, shutdown
 
     torch.set_num_threads(spec["threads"])
-    env = init_distributed("cpu")
+    env = init_distributed(spec.get("device", "cpu"))  # cuda: cuda:<rank>, nccl
+    cuda = env.device.type == "cuda"
+
+    def sync() -> None:  # step times on CUDA: wait for the queued kernels
+        if cuda:
+            torch.cuda.synchronize(env.device)
     rss_after_import = current_rss_bytes()
     variant = spec["variant"]
     cfg = dig_config_for_bench(spec["batch_size"], sparse_optimizer=spec["sparse_optimizer"])
@@ -151,7 +156,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         from dig_torchrec.training.optim import attach_sparse_optimizer, build_optimizer
 
         model = (DIGModel if variant == "dig" else RankOnlyDIG)(cfg, meta, device="meta")
-        attach_sparse_optimizer(model, cfg.train, "cpu")
+        attach_sparse_optimizer(model, cfg.train, env.device.type)
         plan = plan_sharding(model, cfg.sharding, env.device, world, world, B, pg=env.process_group)
         dmp = DistributedModelParallel(
             module=model, env=ShardingEnv.from_process_group(env.process_group), device=env.device, plan=plan,
@@ -193,7 +198,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = make_plain((RankOnlyDIG if variant == "plain_rank_only" else DIGModel)(cfg, meta, device="meta"))
-        materialize(model)
+        materialize(model, device=str(env.device))
         init_tokenizer_randomly(model, seed=0)
         model.train()
         sparse_params = [p for n, p in model.named_parameters() if "embedding_bags.embedding_bags." in n]
@@ -213,6 +218,8 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         def step() -> None:
             with record_function("## data ##"):
                 batch = next(source)
+                if cuda:
+                    batch = batch.to(env.device, non_blocking=True)
             with record_function("## zero_grad ##"):
                 opt_sparse.zero_grad(set_to_none=True)
                 opt_dense.zero_grad(set_to_none=True)
@@ -231,11 +238,13 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
 
     for _ in range(spec["warmup"]):
         step()
+    sync()
     dist.barrier()
     times: List[float] = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     split: Dict[str, float] = {p: 0.0 for p in PHASES}
     labels: Dict[str, float] = {}
@@ -328,7 +337,8 @@ def run_once(variant: str, world: int, args: argparse.Namespace) -> List[Dict[st
 
     spec = {"variant": variant, "batch_size": args.batch_size, "users": args.users, "items": args.items,
             "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "pool": args.pool,
-            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer, "click_rate": args.click_rate}
+            "threads": args.threads_per_rank, "sparse_optimizer": args.sparse_optimizer, "click_rate": args.click_rate,
+            "device": args.device}
     # the machine is shared: measure the matmul peak right before each run, under the same load
     peak_now = matmul_peak_flops(threads=args.threads_per_rank, seconds=2.0)["median_flops"]
     with tempfile.TemporaryDirectory() as d:
@@ -511,6 +521,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="intra-op threads per rank (1: on a shared 2-core machine OpenMP spin-waits collapse "
                         "multi-threaded steps whenever another process holds a core)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "sgd"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: rank r on cuda:r with NCCL (GPU hosts; the MFU peak is still the CPU matmul's)")
     p.add_argument("--out", default=str(RESULTS_DIR / "train_throughput.json"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--memory-wait-s", type=float, default=900, help="wait this long for free RAM before a run")

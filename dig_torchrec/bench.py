@@ -1,4 +1,4 @@
-"""``dig bench train-throughput|beam-search|reader [ARGS...]``: run a benchmark script.
+"""``dig bench train-throughput|beam-search|reader|embedding-stage [ARGS...]``: run a benchmark script.
 
 The scripts live in the repository's ``benchmarks/`` folder (they are not part of the
 installed package); this wrapper runs one of them with the current interpreter and passes
@@ -24,6 +24,7 @@ SCRIPTS: Dict[str, str] = {
     "train-throughput": "train_throughput.py",
     "beam-search": "beam_search.py",
     "reader": "reader_throughput.py",
+    "embedding-stage": "embedding_stage.py",
 }
 
 

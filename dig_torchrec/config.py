@@ -30,7 +30,7 @@ class DataConfig:
     shuffle_buffer: int = 4096  # rows; 0 disables shuffling
     num_workers: int = 0  # DataLoader workers per rank
     reader_threads: int = 0  # threads decoding/batching windows ahead in the rank's process; 0 = auto:
-    # usable cores - 1 (at least 1), leaving a core to the training step. Ignored inside DataLoader workers (1 each).
+    # usable cores / LOCAL_WORLD_SIZE - 1 (at least 1), leaving a core to the training step. Ignored inside DataLoader workers (1 each).
     negatives_per_positive: int = 4  # full-corpus random negatives per click (paper §4.1)
     retrieval_positives: int = 0  # click slots per batch in the retrieval rows; 0 = auto: ceil(2 x train click rate
     # x batch size) in [1, batch size] (rate from items.parquet train clicks / train rows; same on every rank).
@@ -146,6 +146,18 @@ class TrainConfig:
     nan_policy: str = "error"  # error | skip
     device: str = "auto"  # auto | cpu | cuda
     min_free_disk_mb: int = 512  # checked before training starts
+    # Schedule keys in data instead of steps (0 = unset; at most one form per event). Resolved to
+    # steps by preflight from the row-group metadata and the world size (global batch = batch_size x world).
+    tokenizer_init_after_samples: int = 0  # exposure rows before the tokenizer init (sets tokenizer.init_after_steps)
+    tokenizer_init_after_epochs: float = 0.0  # the same as a fraction of an epoch
+    checkpoint_every_samples: int = 0  # sets checkpoint_every
+    checkpoint_every_epochs: float = 0.0
+    val_every_samples: int = 0  # sets val_every
+    val_every_epochs: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the dense Mixer; losses, EMA and tables stay fp32)
+    tf32: bool = True  # TF32 matmuls/convolutions on CUDA (no effect on CPU)
+    pin_memory: bool = True  # pin host batches on CUDA so the pipeline's non_blocking copies are asynchronous
+    collective_timeout_s: int = 1800  # process-group timeout (k-means init, checkpoints); env DIG_DIST_TIMEOUT_S overrides
 
 
 @dataclass
@@ -158,6 +170,9 @@ class ShardingConfig:
     # device defaults; pinned so a table is never data-parallel in one plan and sharded in another
     cpu_sharding_types: List[str] = field(default_factory=lambda: ["table_wise"])
     cuda_sharding_types: List[str] = field(default_factory=lambda: ["row_wise", "table_wise"])
+    # on CUDA, tables with at least this many rows and no constraint are row_wise only (a 20M-row
+    # table table_wise puts every lookup of it on one GPU); 0 disables the rule
+    cuda_row_wise_min_rows: int = 1_000_000
 
 
 @dataclass
@@ -203,6 +218,7 @@ _CHOICES = {
     "train.nan_policy": ("error", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_metric": ("rank_auc", "recall@10"),
+    "train.precision": ("fp32", "bf16"),
     "sharding.compute_kernel": ("fused", "dense"),
 }
 _POSITIVE = (
@@ -215,7 +231,9 @@ _POSITIVE = (
     "eval.score_chunk_rows",
     "train.keep_latest_k",
     "tokenizer.encoder_heads",
+    "train.collective_timeout_s",
 )
+_NON_NEGATIVE_EXTRA = ("sharding.cuda_row_wise_min_rows",)
 _NON_NEGATIVE = (
     "data.history_length",
     "data.num_workers",
@@ -236,6 +254,12 @@ _NON_NEGATIVE = (
     "loss.prefix_negatives",
     "loss.prefix_negatives_weight",
     "loss.exposure_recall_weight",
+    "train.tokenizer_init_after_samples",
+    "train.tokenizer_init_after_epochs",
+    "train.checkpoint_every_samples",
+    "train.checkpoint_every_epochs",
+    "train.val_every_samples",
+    "train.val_every_epochs",
 )
 
 
@@ -334,7 +358,7 @@ def validate(cfg: DIGConfig) -> None:
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be > 0")
-    for key in _NON_NEGATIVE:
+    for key in (*_NON_NEGATIVE, *_NON_NEGATIVE_EXTRA):
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' = {flat[key]!r}; must be >= 0")
     if cfg.loss.recall_samples == "exposure" and (cfg.loss.recall_objective == "softmax" or cfg.loss.prefix_negatives):

@@ -23,7 +23,8 @@ def test_train_component_builds_torchrun_of_the_training_module() -> None:
     cmd = role.args[1]
     assert cmd.startswith("torchrun --max-restarts 2 ")
     assert "--nnodes 2 --nproc_per_node 4" in cmd
-    assert cmd.endswith("-m dig_torchrec.training.cli --config configs/tiny.yaml --resume auto train.epochs=1 run_dir=/tmp/x")
+    assert cmd.endswith("-m dig_torchrec.training.cli --config configs/tiny.yaml --resume auto train.device=cuda "
+                        "train.epochs=1 run_dir=/tmp/x")
 
 
 def test_resume_none_and_single_node_defaults() -> None:

@@ -437,6 +437,9 @@ class ExposureReader(IterableDataset):
             w = (self.items.popularity.double() + 1.0) ** data_cfg.popularity_alpha
             self._sample_cdf = torch.cumsum(w / w.sum(), 0)
         self._template: Optional[_Window] = None
+        # set by the trainer on CUDA (train.pin_memory): DataLoader workers' batches are then pinned
+        # by the DataLoader's pin thread (DIGBatch.pin_memory), off the training thread
+        self.pin_memory = False
         self.epoch = epoch
         self._batches_done = 0
         self._rows_done = 0
@@ -511,7 +514,7 @@ class ExposureReader(IterableDataset):
         else:
             loader = DataLoader(_WorkerStreams(self, start, self.epoch), batch_size=None,
                                 num_workers=self.num_workers, worker_init_fn=_worker_init,
-                                persistent_workers=False)
+                                persistent_workers=False, pin_memory=self.pin_memory)
             stream = iter(loader)
         P = self.num_positive_slots
         for batch in stream:
@@ -906,13 +909,19 @@ def _single_thread() -> Iterator[None]:
 
 
 def _prefetch_threads() -> int:
-    """Prefetch threads of a reader in the main process: the usable cores minus the one the
-    batching thread needs, at least 1."""
+    """Prefetch threads of a reader in the main process: this rank's share of the usable cores
+    (cores / ``LOCAL_WORLD_SIZE``, the ranks on this node) minus the one the batching thread
+    needs, at least 1. Without the division, 8 GPU ranks on a 64-core node would start 63
+    threads each."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        local_ranks = 1
+    return max(1, cores // local_ranks - 1)
 
 
 def _prefetch_thread_init() -> None:

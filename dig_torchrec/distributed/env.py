@@ -103,7 +103,8 @@ def init_distributed(device_preference: str = "auto", timeout_s: Optional[int] =
 
     Args:
         device_preference: ``train.device`` (``auto`` | ``cpu`` | ``cuda``).
-        timeout_s: collective timeout in seconds; default ``DIG_DIST_TIMEOUT_S`` or 1800.
+        timeout_s: collective timeout in seconds (``train.collective_timeout_s``; default 1800);
+            the environment variable ``DIG_DIST_TIMEOUT_S`` overrides it.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -123,7 +124,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: Optional[int] =
             logger.warning("process group already initialized with %s (device %s prefers %s)", active, device, backend)
             backend = active
     else:
-        timeout = datetime.timedelta(seconds=timeout_s or _env_int("DIG_DIST_TIMEOUT_S", 1800))
+        timeout = datetime.timedelta(seconds=_env_int("DIG_DIST_TIMEOUT_S", timeout_s or 1800))
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             # A world of one needs no rendezvous: an in-memory store will do.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

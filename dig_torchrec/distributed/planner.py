@@ -3,8 +3,16 @@
 Every table gets :class:`ParameterConstraints` (allowed sharding types and compute kernel):
 
 * ``sharding.constraints[<table>]`` when the config names the table;
+* on CUDA, ``[row_wise]`` for a table with at least ``sharding.cuda_row_wise_min_rows``
+  rows (default 1M: the 20M-row ``user_id`` table of industrial_large spreads its rows and
+  lookups over every GPU instead of loading one);
 * otherwise the device default, ``sharding.cpu_sharding_types`` or
-  ``sharding.cuda_sharding_types``.
+  ``sharding.cuda_sharding_types`` (the planner picks among them).
+
+The planner's cost model gets the rows of a real step (exposure + retrieval rows) as its
+batch size and one pooling factor per feature of every table (:func:`feature_pooling_factors`;
+without them TorchRec counts a 21-feature table such as ``item_id`` + 20 history slots as one
+lookup per sample). On CUDA the HBM per device comes from the GPU (or ``hbm_cap``).
 
 On CPU TorchRec shards an EmbeddingBagCollection only as table_wise, column_wise,
 table_column_wise or data_parallel; a row-wise type there is a :class:`ConfigError`
@@ -17,7 +25,7 @@ could not be resharded between the two (e.g. saved on 2 ranks, loaded on 1).
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -102,14 +110,18 @@ def check_sharding_config(cfg: ShardingConfig, device_type: str) -> None:
         _check_types(f"sharding.constraints.{table}", list(types), device_type)
 
 
-def resolve_sharding_types(cfg: ShardingConfig, table_names: Iterable[str], device_type: str) -> Dict[str, List[str]]:
+def resolve_sharding_types(
+    cfg: ShardingConfig, table_names: Iterable[str] | Mapping[str, Tuple[str, int, int]], device_type: str
+) -> Dict[str, List[str]]:
     """Allowed sharding types for every table (the pinned per-table choice).
 
     Args:
         cfg: the ``sharding`` config section.
-        table_names: every embedding table of the model.
+        table_names: every embedding table of the model, or :func:`embedding_tables`'s
+            mapping (its row counts enable the CUDA row_wise rule for big tables).
         device_type: ``cpu`` or ``cuda``.
     """
+    rows = {n: v[1] for n, v in table_names.items()} if isinstance(table_names, Mapping) else {}
     names = list(table_names)
     unknown = sorted(set(cfg.constraints) - set(names))
     if unknown:
@@ -123,6 +135,8 @@ def resolve_sharding_types(cfg: ShardingConfig, table_names: Iterable[str], devi
         if name in cfg.constraints:
             types = list(cfg.constraints[name])
             _check_types(f"sharding.constraints.{name}", types, device_type)
+        elif device_type == "cuda" and 0 < cfg.cuda_row_wise_min_rows <= rows.get(name, 0):
+            types = [ShardingType.ROW_WISE.value]
         else:
             types = defaults
             _check_types(default_key, types, device_type)
@@ -130,8 +144,28 @@ def resolve_sharding_types(cfg: ShardingConfig, table_names: Iterable[str], devi
     return out
 
 
+def feature_pooling_factors(model: nn.Module) -> Dict[str, List[float]]:
+    """Average ids per sample of every feature of every table: 1.0 each.
+
+    Every DIG feature is a bag of at most one id (user/item/context fields, one history slot
+    per ``hist_j`` feature), so 1.0 is exact for the fields and an upper bound for history
+    slots; what matters to the planner is one entry per feature (TorchRec's default is one
+    entry per *table*).
+
+    Args:
+        model: an unsharded model (may live on ``meta``).
+    """
+    out: Dict[str, List[float]] = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for tc in module.embedding_bag_configs():
+                out[tc.name] = [1.0] * len(tc.feature_names)
+    return out
+
+
 def build_constraints(
-    cfg: ShardingConfig, model: nn.Module, device_type: str, pooling: Optional[Mapping[str, float]] = None
+    cfg: ShardingConfig, model: nn.Module, device_type: str,
+    pooling: Optional[Mapping[str, float | Sequence[float]]] = None,
 ) -> Dict[str, ParameterConstraints]:
     """Planner constraints for every table of ``model``.
 
@@ -139,10 +173,11 @@ def build_constraints(
         cfg: the ``sharding`` config section.
         model: the unsharded model.
         device_type: ``cpu`` or ``cuda``.
-        pooling: optional average ids per sample per table (a planner cost hint).
+        pooling: optional average ids per sample per table: one value (the table's single
+            feature) or a list with one value per feature (a planner cost hint).
     """
     tables = embedding_tables(model)
-    types = resolve_sharding_types(cfg, tables, device_type)
+    types = resolve_sharding_types(cfg, tables, device_type)  # the mapping: row counts for the CUDA rule
     constraints: Dict[str, ParameterConstraints] = {}
     for name, allowed in types.items():
         # TorchRec runs sharded tables only with the fused (FBGEMM TBE) kernel; data-parallel
@@ -158,7 +193,8 @@ def build_constraints(
             kernels = [EmbeddingComputeKernel.FUSED.value]
         c = ParameterConstraints(sharding_types=list(allowed), compute_kernels=kernels)
         if pooling and name in pooling:
-            c.pooling_factors = [float(pooling[name])]
+            value = pooling[name]
+            c.pooling_factors = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)]
         constraints[name] = c
     return constraints
 
@@ -181,6 +217,8 @@ def plan_sharding(
     batch_size: int,
     pg: Optional[dist.ProcessGroup] = None,
     sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+    pooling: Optional[Mapping[str, float | Sequence[float]]] = None,
+    hbm_cap: Optional[int] = None,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast (``collective_plan``), so every rank gets the same plan.
 
@@ -190,12 +228,18 @@ def plan_sharding(
         device: this process's compute device.
         world_size: processes in the job.
         local_world_size: processes per node.
-        batch_size: rows per step and rank (a planner cost hint).
-        pg: process group; default the world group.
+        batch_size: rows per step and rank (a planner cost hint: exposure + retrieval rows).
+        pg: process group; default the world group. Without an initialised process group
+            the plan is made locally (a dry run, e.g. for 16 CUDA ranks on a CPU host).
         sharders: module sharders; default :func:`default_sharders`.
+        pooling: ids per sample per table / feature (:func:`feature_pooling_factors`).
+        hbm_cap: bytes of HBM per GPU; default this GPU's memory (CUDA), else TorchRec's 32 GB.
     """
-    constraints = build_constraints(cfg, model, device.type)
-    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size)
+    constraints = build_constraints(cfg, model, device.type, pooling)
+    if hbm_cap is None and device.type == "cuda" and torch.cuda.is_available():
+        hbm_cap = int(torch.cuda.get_device_properties(device).total_memory)
+    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size,
+                        hbm_cap=hbm_cap)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints, debug=False)
     if dist.is_initialized():
         return planner.collective_plan(model, sharders or default_sharders(), pg)

@@ -91,6 +91,7 @@ class Mixer(nn.Module):
         self.cross = build_cross_net(in_features, cfg.cross_layers, cfg.cross_low_rank, device)
         self.moe = MixtureOfExperts(in_features, cfg.expert_hidden, cfg.num_experts, cfg.dropout, device=device)
         self.head = nn.Linear(self.moe.out_features, 1, device=device)
+        self.autocast_dtype: Optional[torch.dtype] = None  # set by train.precision (training/precision.py)
 
     def forward(
         self, user: torch.Tensor, target: torch.Tensor, cross_features: torch.Tensor,
@@ -109,6 +110,17 @@ class Mixer(nn.Module):
             history_keys: ``[N, H, d]`` history item embeddings (DIN keys).
             history_mask: ``[N, H]`` True where the history position holds a click.
         """
+        if self.autocast_dtype is None:
+            return self._mix(user, target, cross_features, history_keys, history_mask)
+        # train.precision=bf16: the Mixer's matmuls in bf16; logits (and so every loss) back in fp32
+        with torch.autocast(device_type=user.device.type, dtype=self.autocast_dtype):
+            logits = self._mix(user, target, cross_features, history_keys, history_mask)
+        return logits.float()
+
+    def _mix(
+        self, user: torch.Tensor, target: torch.Tensor, cross_features: torch.Tensor,
+        history_keys: torch.Tensor, history_mask: torch.Tensor,
+    ) -> torch.Tensor:
         interest = self.din(target, history_keys, history_mask)
         lead = target.shape[:-1]
         x = torch.cat([user.expand(*lead, -1), target, cross_features, interest], -1)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dig_torchrec.modules.balanced_kmeans import squared_distances
+from dig_torchrec.modules.flags import BufferFlag
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(num_layers, num_codes, dim, device=device))
         # 0 until the first EMA step rescales the init fractions to per-step counts.
         self.register_buffer("ema_primed", torch.zeros((), dtype=torch.long, device=device))
+        self._primed_flag = BufferFlag(False, self.ema_primed)  # read without a host sync per step
         self.register_buffer("dead_restarts", torch.zeros(num_layers, dtype=torch.long, device=device))
         self.last_stats: Dict[str, torch.Tensor] = {}
 
@@ -191,7 +193,7 @@ class ResidualQuantizer(nn.Module):
             self.last_stats = _usage_stats(counts)
             return
         a = self.decay
-        if int(self.ema_primed) == 0:
+        if not self._primed_flag.read(self.ema_primed):
             self.ema_count.mul_(counts.sum(1, keepdim=True))
             self.ema_sum.copy_(self.codebooks * self.ema_count[..., None])
             self.ema_primed.fill_(1)

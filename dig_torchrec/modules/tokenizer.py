@@ -30,6 +30,7 @@ from dig_torchrec.modules.balanced_kmeans import (
     resolve_last_layer_collisions,
 )
 from dig_torchrec.modules.encoder import ItemEncoder
+from dig_torchrec.modules.flags import BufferFlag
 from dig_torchrec.modules.quantizer import QuantizerOutput, ResidualQuantizer, _dist_ready, _usage_stats
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,15 @@ class DIGTokenizer(nn.Module):
         self.steps_since_init = 0
         self._collision_rate: Optional[float] = None
         self._step_stats: Optional[Dict[str, torch.Tensor]] = None
+        self._initialized_flag = BufferFlag(False, self.initialized)  # Python-bool mirror: no sync per read
+        # False: metrics() leaves collision_rate out (a catalog-wide computation); the trainer reads
+        # collision_rate() at its log steps instead
+        self.collision_rate_in_metrics = True
 
     @property
     def is_initialized(self) -> bool:
-        return bool(int(self.initialized) == 1)
+        """``initialized == 1``, read from a Python mirror that re-syncs only after the buffer changed."""
+        return self._initialized_flag.read(self.initialized)
 
     def encode(self, fields: torch.Tensor) -> torch.Tensor:
         """Eq. 1: ``[N, F_enc, d]`` field embeddings -> e_v ``[N, F_enc, d]``."""
@@ -147,7 +153,7 @@ class DIGTokenizer(nn.Module):
         if rank == 0:
             start = time.time()
             cb, s = balanced_tree_init(
-                flat.cpu(), self.num_codes, self.num_layers, kmeans_iters=self.cfg.init_kmeans_iters, seed=0,
+                flat, self.num_codes, self.num_layers, kmeans_iters=self.cfg.init_kmeans_iters, seed=0,
             )
             codebooks.copy_(cb.to(device))
             sids.copy_(s.to(device))
@@ -210,7 +216,8 @@ class DIGTokenizer(nn.Module):
                 out[f"utilization_l{layer + 1}"] = stats["utilization"][layer].detach()
                 out[f"perplexity_l{layer + 1}"] = stats["perplexity"][layer].detach()
             out[f"dead_restarts_l{layer + 1}"] = self.quantizer.dead_restarts[layer].detach().clone()
-        out["collision_rate"] = torch.tensor(self.collision_rate())
+        if self.collision_rate_in_metrics:
+            out["collision_rate"] = torch.tensor(self.collision_rate(), device=self.item_sid_table.device)
         out["init_collision_rate"] = self.init_collision_rate.detach().clone()
         return out
 

@@ -41,9 +41,17 @@ logger = logging.getLogger(__name__)
 NAN_POLICIES = ("error", "skip")
 
 
+def nonfinite_flags(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[terms]`` int32 on the losses' device: 1 where a term holds a NaN/inf (no host sync)."""
+    if not losses:
+        return torch.zeros(0, dtype=torch.int32, device="cpu")
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
+    return (~finite).to(torch.int32)
+
+
 def nonfinite_terms(losses: Mapping[str, torch.Tensor]) -> List[str]:
     """Names of the loss terms (this rank) holding a NaN or inf, in dict order."""
-    return [name for name, value in losses.items() if not bool(torch.isfinite(value.detach()).all())]
+    return [name for name, f in zip(losses, nonfinite_flags(losses).tolist()) if f]
 
 
 def _collective_device() -> torch.device:
@@ -53,16 +61,22 @@ def _collective_device() -> torch.device:
 
 
 def any_rank(flags: torch.Tensor) -> torch.Tensor:
-    """Element-wise MAX of an int flag vector over every rank (identity on one process)."""
+    """Element-wise MAX of an int flag vector over every rank (identity on one process).
+
+    The result stays on the collective's device (no host copy): read it once.
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         reduced = flags.to(_collective_device())
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-        return reduced.cpu()
+        return reduced
     return flags
 
 
 def check_loss_terms(step: int, losses: Mapping[str, torch.Tensor], policy: str) -> List[str]:
     """Apply ``train.nan_policy`` to a step's loss terms (a collective call on every rank).
+
+    One fused check and one host sync per step: the per-term flags are computed on the
+    device, all-reduced there, and read back together.
 
     Args:
         step: the step being trained (1-based, as logged).
@@ -79,9 +93,8 @@ def check_loss_terms(step: int, losses: Mapping[str, torch.Tensor], policy: str)
     if policy not in NAN_POLICIES:
         raise ValueError(f"train.nan_policy = {policy!r}; must be one of {', '.join(NAN_POLICIES)}")
     names = list(losses)
-    local = set(nonfinite_terms(losses))
-    flags = any_rank(torch.tensor([1 if n in local else 0 for n in names], dtype=torch.int32))
-    bad = [n for n, f in zip(names, flags.tolist()) if f]
+    flags = any_rank(nonfinite_flags(losses))
+    bad = [n for n, f in zip(names, flags.tolist()) if f]  # the one host sync
     if not bad:
         return []
     terms = [n for n in bad if n != "total"] or ["total"]

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,12 @@ class BinnedAUC:
 
     Same statistic as torchmetrics' binned ``BinaryAUROC``; written here because its update
     materialises an ``[N, thresholds]`` tensor under ``torch.use_deterministic_algorithms``
-    (``train.deterministic=true``), while two ``bincount`` histograms stay O(bins).
+    (``train.deterministic=true``), while one ``index_add_`` histogram stays O(bins).
+
+    The histogram lives on the scores' device and :meth:`update` never syncs the host:
+    masked and non-finite rows are weighted 0 instead of being filtered out (boolean
+    indexing would be a data-dependent shape, i.e. a sync on CUDA). Counts are integers in
+    float64, so the sum is exact in any order.
 
     Args:
         bins: histogram bins over [0, 1].
@@ -75,13 +80,18 @@ class BinnedAUC:
         self.bins = bins
         self.counts = torch.zeros(2, bins, dtype=torch.float64)  # row 0: negatives, row 1: positives
 
-    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        scores, labels = scores.detach().cpu(), labels.detach().cpu()
-        finite = torch.isfinite(scores)  # a skipped (NaN) step must not poison the window
-        scores, labels = scores[finite], labels[finite]
-        idx = (scores.double().clamp(0.0, 1.0) * (self.bins - 1)).round().long()
-        lab = (labels > 0.5).long()
-        self.counts += torch.bincount(lab * self.bins + idx, minlength=2 * self.bins).view(2, self.bins).double()
+    def update(self, scores: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Add rows: ``scores`` in [0, 1], ``labels`` in {0, 1}; ``mask`` (bool) selects rows (default all)."""
+        scores, labels = scores.detach(), labels.detach()
+        if self.counts.device != scores.device:
+            self.counts = self.counts.to(scores.device)
+        keep = torch.isfinite(scores)  # a skipped (NaN) step must not poison the window
+        if mask is not None:
+            keep = keep & mask.to(keep.device)
+        idx = (torch.nan_to_num(scores.double(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+               * (self.bins - 1)).round().long()
+        lab = (labels.to(scores.device) > 0.5).long()
+        self.counts.view(-1).index_add_(0, (lab * self.bins + idx).reshape(-1), keep.reshape(-1).to(torch.float64))
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -118,18 +128,16 @@ class AUCSet:
         """Add one step's logits/labels from a ``DIGOutput``."""
         logits = getattr(output, "rank_logits", None)
         if logits is not None and logits.numel():
-            mask = output.weights > 0
-            self.rank_auc.update(torch.sigmoid(logits[mask].float()), output.labels[mask])
+            self.rank_auc.update(torch.sigmoid(logits.float()), output.labels, output.weights > 0)
         rec = getattr(output, "recall_logits", None)
         if rec is not None and rec.numel():
             mask = output.recall_weights > 0
-            labels = output.recall_labels[mask]
             for layer in range(min(self.num_layers, rec.shape[0])):
-                self.recall_auc[layer].update(torch.sigmoid(rec[layer][mask].float()), labels)
+                self.recall_auc[layer].update(torch.sigmoid(rec[layer].float()), output.recall_labels, mask)
 
     def compute(self) -> Dict[str, float]:
         """Cross-rank AUCs (collective: one all-reduce of the histograms). NaN when a window saw one class."""
-        states = all_reduce_sum(torch.stack([m.counts for m in self._metrics()]))
+        states = all_reduce_sum(torch.stack([m.counts.to(self.rank_auc.counts.device) for m in self._metrics()]))
         names = ["rank_auc", *[f"recall_auc_l{l + 1}" for l in range(self.num_layers)]]
         return {name: auc_from_counts(counts) for name, counts in zip(names, states)}
 
@@ -176,6 +184,30 @@ def output_scalars(output: Any) -> Dict[str, float]:
     return out
 
 
+def _scalar_tensors(name: str, value: Any) -> Dict[str, torch.Tensor]:
+    """:func:`flatten_metric` without leaving the device: ``{name[_l<i>]: 0-dim tensor}``."""
+    if isinstance(value, torch.Tensor):
+        v = value.detach().reshape(-1)
+        if v.numel() == 1:
+            return {name: v[0]}
+        return {f"{name}_l{i + 1}": v[i] for i in range(v.numel())}
+    if isinstance(value, (int, float)):
+        return {name: torch.tensor(float(value), device="cpu")}
+    if isinstance(value, (list, tuple)):
+        return {f"{name}_l{i + 1}": torch.tensor(float(x), device="cpu") for i, x in enumerate(value)}
+    return {}
+
+
+def output_scalar_tensors(output: Any) -> Dict[str, torch.Tensor]:
+    """:func:`output_scalars` as 0-dim tensors on their device (no host sync)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, value in (getattr(output, "losses", None) or {}).items():
+        out.update(_scalar_tensors(f"loss/{name}", value))
+    for name, value in (getattr(output, "tokenizer_metrics", None) or {}).items():
+        out.update(_scalar_tensors(f"tokenizer/{name}", value))
+    return out
+
+
 class TrainMetrics:
     """Windowed training metrics: AUCs, loss terms, tokenizer stats, samples/s.
 
@@ -187,36 +219,75 @@ class TrainMetrics:
 
     def __init__(self, num_layers: int, scalar_keys: Optional[List[str]] = None) -> None:
         self.aucs = AUCSet(num_layers)
-        self.means = MeanSet()
         self.scalar_keys: List[str] = list(scalar_keys or [])
-        self.rows = 0
+        # per set of scalar names: (sums, finite counts) as float64 vectors on the step's device
+        self._acc: Dict[Tuple[str, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: Optional[torch.Tensor] = None
         self.steps = 0
         self._t0 = time.perf_counter()
 
+    @property
+    def rows(self) -> int:
+        """Real exposure rows in the window on this rank (reads the device counter: a sync)."""
+        return int(self._rows.item()) if self._rows is not None else 0
+
     def update(self, output: Any) -> None:
-        scalars = output_scalars(output)
-        # every rank sees the same keys at the same step (the model's structure is the same),
-        # so the sorted union lines up in the all-reduce
-        new = set(scalars) - set(self.scalar_keys)
-        if new:
-            self.scalar_keys = sorted(set(self.scalar_keys) | new)
-        self.means.update(scalars)
+        """Add one step's output without a host sync: everything is accumulated on the device."""
+        scalars = output_scalar_tensors(output)
+        keys = tuple(scalars)
+        if keys:
+            ref = getattr(output, "weights", None)
+            dev = ref.device if isinstance(ref, torch.Tensor) else next(iter(scalars.values())).device
+            vec = torch.stack([v.to(dev, torch.float64) for v in scalars.values()])
+            finite = torch.isfinite(vec)  # NaN values (a skipped step) are not averaged in
+            vec = torch.where(finite, vec, torch.zeros_like(vec))
+            if keys in self._acc:
+                sums, counts = self._acc[keys]
+                sums.add_(vec)
+                counts.add_(finite.to(torch.float64))
+            else:
+                self._acc[keys] = (vec, finite.to(torch.float64))
         self.aucs.update(output)
         w = getattr(output, "weights", None)
-        self.rows += int((w > 0).sum()) if w is not None else 0
+        if w is not None:
+            n = (w > 0).sum()
+            self._rows = n if self._rows is None else self._rows + n
         self.steps += 1
 
-    def compute(self) -> Dict[str, float]:
-        """Window results (collective) and reset the window."""
+    def _window_means(self) -> Dict[str, Tuple[float, float]]:
+        """name -> (sum, count) of this rank's window (one host copy per set of names)."""
+        out: Dict[str, Tuple[float, float]] = {}
+        for keys, (sums, counts) in self._acc.items():
+            for k, s_, c in zip(keys, sums.cpu().tolist(), counts.cpu().tolist()):
+                ps, pc = out.get(k, (0.0, 0.0))
+                out[k] = (ps + s_, pc + c)
+        return out
+
+    def compute(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+        """Window results (collective) and reset the window.
+
+        Args:
+            extra: more per-rank scalars to average over ranks (same names on every rank),
+                e.g. values read only at log steps.
+        """
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         out = {f"train/{k}": v for k, v in self.aucs.compute().items()}
-        out.update({f"train/{k}": v for k, v in self.means.compute(self.scalar_keys).items()})
-        rows = all_reduce_sum(torch.tensor([float(self.rows)], dtype=torch.float64))
-        out["perf/samples_per_s"] = float(rows[0]) / elapsed
+        local = self._window_means()
+        for k, v in (extra or {}).items():
+            local[k] = (float(v), 1.0)
+        # every rank sees the same keys at the same step (the model's structure is the same),
+        # so the sorted union lines up in the all-reduce
+        self.scalar_keys = sorted(set(self.scalar_keys) | set(local))
+        rows = float(self._rows.item()) if self._rows is not None else 0.0
+        t = torch.tensor([[*local.get(k, (0.0, 0.0))] for k in self.scalar_keys] + [[rows, 0.0]], dtype=torch.float64)
+        t = all_reduce_sum(t)
+        for k, (s_, c) in zip(self.scalar_keys, t[:-1].tolist()):
+            out[f"train/{k}"] = float(s_ / c) if c > 0 else float("nan")
+        out["perf/samples_per_s"] = float(t[-1, 0]) / elapsed
         out["perf/steps_per_s"] = self.steps / elapsed
         self.aucs.reset()
-        self.means.reset()
-        self.rows = 0
+        self._acc.clear()
+        self._rows = None
         self.steps = 0
         self._t0 = time.perf_counter()
         return out

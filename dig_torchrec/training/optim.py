@@ -106,21 +106,36 @@ class GuardedOptimizer(OptimizerWrapper):
         self.skipped_steps = 0
 
     def _first_bad_grad(self) -> Optional[str]:
+        """Name of the first parameter whose gradient holds a NaN/inf (reads every flag: error path only)."""
         for name, p in self.params.items():
             g = p.grad
             if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
                 return name
         return None
 
+    def _nonfinite_flag(self) -> torch.Tensor:
+        """``[1]`` int32 on the gradients' device: 1 when any dense gradient holds a NaN/inf.
+
+        One fused check without a host sync: per-gradient ``isfinite(...).all()`` reductions
+        stay on the device and are combined there.
+        """
+        grads = [p.grad for p in self.params.values() if p.grad is not None and p.grad.numel()]
+        if not grads:
+            return torch.zeros(1, dtype=torch.int32, device="cpu")
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        return (~finite.all()).to(torch.int32).reshape(1)
+
     def step(self, closure: Any = None) -> None:
-        bad = self._first_bad_grad()
-        flag = torch.tensor([1 if (bad is not None or self.skip_next) else 0], dtype=torch.int32)
+        """Step unless a gradient (any rank) or the loss was non-finite: one host sync per step."""
+        flag = self._nonfinite_flag()
+        if self.skip_next:
+            flag = torch.ones_like(flag)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-            reduced = flag.to(dev)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-            flag = reduced.cpu()
-        if int(flag.item()):
+            flag = flag.to(dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()):  # the step's one host sync in the dense optimizer
+            bad = self._first_bad_grad()
             if self.nan_policy == "error" and not self.skip_next:
                 where = f"parameter '{bad}'" if bad else "a parameter on another rank"
                 raise NumericalError(f"step {self.step_index}: non-finite gradient in {where} (train.nan_policy=error)")

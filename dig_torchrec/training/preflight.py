@@ -13,6 +13,9 @@ K^L >= catalog                 ``ConfigError`` naming ``tokenizer.num_codes/num_
 d_c matches the data           ``ConfigError`` naming ``data.u2i_dim``
 sharding valid on the device   ``ConfigError`` naming ``sharding.constraints.<table>``
 every rank gets rows           ``ConfigError`` naming the split and ``data.num_workers``
+CUDA present if requested      ``ConfigError`` naming ``train.device``
+schedule can fire              ``ConfigError`` naming ``tokenizer.init_after_steps`` /
+                               ``train.checkpoint_every`` / ``train.val_every``
 ``--resume`` target            ``CheckpointError``: missing dir, incomplete, other config
 ``run_dir`` writable, disk     ``ConfigError`` naming ``run_dir`` / ``train.min_free_disk_mb``
 ============================  =========================================================
@@ -26,6 +29,7 @@ probe is last), so a rejected command leaves an existing run directory untouched
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,7 @@ class PreflightReport:
         slot_rows: split -> rows of each reader slot (rank-major).
         resume_from: the checkpoint ``--resume`` resolves to, or None.
         free_disk_mb: free space on the run directory's disk.
+        schedule: steps per epoch, total steps and the resolved event steps.
     """
 
     meta: DatasetMeta
@@ -58,6 +63,7 @@ class PreflightReport:
     slot_rows: Dict[str, List[int]] = field(default_factory=dict)
     resume_from: Optional[Path] = None
     free_disk_mb: int = 0
+    schedule: Optional["Schedule"] = None
 
 
 def _device_type(preference: str) -> str:
@@ -129,6 +135,130 @@ def check_work_split(cfg: DIGConfig, world_size: int, split: str, *, required: b
     return rows
 
 
+def check_device(cfg: DIGConfig) -> None:
+    """``train.device=cuda`` needs a CUDA device: fail in one line instead of at the first kernel."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "config key 'train.device' = 'cuda' but no CUDA device is available on this host "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); check the node's GPUs and "
+            "driver, or use train.device=cpu"
+        )
+
+
+@dataclass
+class Schedule:
+    """The run's length in steps, derived from the data and the world size.
+
+    Args:
+        world_size: ranks in the job.
+        batch_size: exposure rows per step and rank (``data.batch_size``).
+        global_batch: exposure rows per step over all ranks.
+        steps_per_epoch: steps every rank runs per epoch (the reader's ``num_batches``).
+        total_steps: ``train.max_steps`` or ``train.epochs x steps_per_epoch``.
+        events: resolved event key -> step interval (or step, for the tokenizer init).
+    """
+
+    world_size: int
+    batch_size: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    events: Dict[str, int] = field(default_factory=dict)
+
+
+# (step key, samples key, epochs key): the data forms set the step key
+_SCHEDULE_KEYS: Tuple[Tuple[str, str, str], ...] = (
+    ("tokenizer.init_after_steps", "train.tokenizer_init_after_samples", "train.tokenizer_init_after_epochs"),
+    ("train.checkpoint_every", "train.checkpoint_every_samples", "train.checkpoint_every_epochs"),
+    ("train.val_every", "train.val_every_samples", "train.val_every_epochs"),
+)
+
+
+def _get(cfg: DIGConfig, key: str) -> float:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _set(cfg: DIGConfig, key: str, value: float) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def steps_per_epoch(cfg: DIGConfig, slot_rows: List[int]) -> int:
+    """Steps per epoch as :class:`~dig_torchrec.data.reader.ExposureReader` runs them.
+
+    Every slot yields ``max over slots of ceil(rows / batch_size)`` batches and a rank
+    reads ``max(1, data.num_workers)`` slots.
+
+    Args:
+        cfg: the resolved config.
+        slot_rows: rows of every reader slot (:func:`check_work_split`).
+    """
+    per_slot = max([1, *(math.ceil(r / cfg.data.batch_size) for r in slot_rows)])
+    return max(1, cfg.data.num_workers) * per_slot
+
+
+def resolve_schedule(cfg: DIGConfig, world_size: int, slot_rows: List[int]) -> Schedule:
+    """Turn the schedule keys given in samples / epochs into steps, and check every event can fire.
+
+    ``train.<event>_samples`` becomes ``ceil(samples / global batch)`` steps and
+    ``train.<event>_epochs`` ``ceil(fraction x steps per epoch)`` steps; the step key
+    (``tokenizer.init_after_steps``, ``train.checkpoint_every``, ``train.val_every``) is
+    overwritten and the data form cleared, so ``cfg`` afterwards holds steps only.
+
+    An event that can never fire in an epoch-driven run (``train.max_steps=0``) is a
+    :class:`ConfigError` naming the key: the tokenizer init at or after the last step
+    (the recall path would train with weight 0 and zero codebooks), a checkpoint or
+    validation interval longer than the run. With ``train.max_steps`` set it is a warning
+    (short runs on purpose, e.g. smoke tests).
+
+    Args:
+        cfg: the resolved config (modified in place).
+        world_size: ranks in the job.
+        slot_rows: rows of every train reader slot.
+    """
+    spe = steps_per_epoch(cfg, slot_rows)
+    global_batch = cfg.data.batch_size * world_size
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * spe
+    sched = Schedule(world_size, cfg.data.batch_size, global_batch, spe, total)
+    for step_key, samples_key, epochs_key in _SCHEDULE_KEYS:
+        samples, epochs = _get(cfg, samples_key), _get(cfg, epochs_key)
+        if samples and epochs:
+            raise ConfigError(f"config keys '{samples_key}' and '{epochs_key}' are both set; give '{step_key}' one way")
+        if samples or epochs:
+            steps = math.ceil(samples / global_batch) if samples else math.ceil(epochs * spe)
+            steps = max(1, steps)
+            given = f"{samples_key}={samples}" if samples else f"{epochs_key}={epochs}"
+            logger.info("%s -> %s=%d (global batch %d, %d steps per epoch)", given, step_key, steps, global_batch, spe)
+            _set(cfg, step_key, steps)
+            _set(cfg, samples_key, 0)
+            _set(cfg, epochs_key, 0.0)
+        sched.events[step_key] = int(_get(cfg, step_key))
+    where = (f"the run has {total} steps ({'train.max_steps' if cfg.train.max_steps > 0 else f'{cfg.train.epochs} epoch(s)'}"
+             f" x {spe} steps per epoch at world size {world_size}, global batch {global_batch} = data.batch_size "
+             f"{cfg.data.batch_size} x {world_size} rank(s))")
+    problems = []
+    init = sched.events["tokenizer.init_after_steps"]
+    if init > 0 and init >= total:
+        problems.append(
+            f"config key 'tokenizer.init_after_steps' = {init} can never fire: {where}; the tokenizer would never "
+            "initialise (recall/commit/sem/u2t weighted 0, zero codebooks). Lower it or give it in data: "
+            "train.tokenizer_init_after_epochs=0.1 or train.tokenizer_init_after_samples=N"
+        )
+    for key, short in (("train.checkpoint_every", "checkpoint_every"), ("train.val_every", "val_every")):
+        every = sched.events[key]
+        if every > total:
+            problems.append(
+                f"config key '{key}' = {every} can never fire: {where}. Lower it or give it in data: "
+                f"train.{short}_epochs=0.25 or train.{short}_samples=N"
+            )
+    for msg in problems:
+        if cfg.train.max_steps == 0:
+            raise ConfigError(msg)
+        logger.warning("%s", msg)
+    return sched
+
+
 def check_resume(cfg: DIGConfig, meta: DatasetMeta, resume: Optional[str]) -> Optional[Path]:
     """Resolve ``--resume`` and check the checkpoint's model config against this one.
 
@@ -162,6 +292,7 @@ def run_preflight(
     resume: Optional[str] = None,
     world_size: Optional[int] = None,
     device_type: Optional[str] = None,
+    rank: Optional[int] = None,
 ) -> PreflightReport:
     """Run every check (see the module docstring); raise the first failure.
 
@@ -170,9 +301,15 @@ def run_preflight(
         resume: the ``--resume`` argument (None, ``auto`` or a checkpoint directory).
         world_size: ranks in the job; default the launcher's ``WORLD_SIZE`` (1 without one).
         device_type: ``cpu``/``cuda``; default what ``train.device`` resolves to.
+        rank: this process's rank; default the launcher's ``RANK`` (0 without one). Only rank 0
+            resolves ``--resume`` here: on other nodes the run directory may not be visible yet
+            (the trainer checks that it is shared and broadcasts rank 0's choice).
     """
     validate(cfg)  # impossible scalars (batch size 0, ...) also for configs built in code, not by load_config
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = rank if rank is not None else int(os.environ.get("RANK", "0") or 0)
+    if device_type is None:
+        check_device(cfg)
     device = device_type or _device_type(cfg.train.device)
     meta, schema = open_dataset(cfg.data.path, cfg.data)
     check_catalog(cfg, meta)
@@ -181,7 +318,9 @@ def run_preflight(
     report = PreflightReport(meta=meta, schema=schema)
     report.slot_rows["train"] = check_work_split(cfg, world, "train", required=True)
     report.slot_rows["valid"] = check_work_split(cfg, world, "valid", required=False)
-    report.resume_from = check_resume(cfg, meta, resume)
+    report.schedule = resolve_schedule(cfg, world, report.slot_rows["train"])
+    if rank == 0:
+        report.resume_from = check_resume(cfg, meta, resume)
     report.free_disk_mb = check_run_dir_writable(cfg)  # last: the first check that writes
     logger.debug(
         "preflight ok: %d train rows over %d slots, resume=%s, %d MB free",

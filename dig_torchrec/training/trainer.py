@@ -51,9 +51,11 @@ from dig_torchrec.distributed.planner import (
     check_sharding_config,
     default_sharders,
     describe_plan,
+    feature_pooling_factors,
     plan_sharding,
     plan_sharding_types,
 )
+from dig_torchrec.distributed.shared_fs import broadcast_from_rank0, check_shared_run_dir
 from dig_torchrec.distributed.sync import average_batchnorm_stats
 from dig_torchrec.errors import ConfigError, NumericalError
 from dig_torchrec.model import DIGModel, DIGOutput
@@ -62,11 +64,17 @@ from dig_torchrec.training import accounting, faults, preflight
 from dig_torchrec.training.guards import check_loss_terms
 from dig_torchrec.training.metrics import AUCSet, MeanSet, MetricsLogger, TrainMetrics, format_metrics, output_scalars
 from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer, sparse_optimizer_spec
+from dig_torchrec.training.precision import configure_precision
 
 logger = logging.getLogger(__name__)
 
 FINAL_METRICS_FILE = "final_metrics.json"
 RetrievalCheck = Callable[[torch.nn.Module], Dict[str, float]]
+
+
+def pin_batch(batch: DIGBatch) -> DIGBatch:
+    """``batch`` in pinned host memory (unchanged when it already is, e.g. from a pinning DataLoader)."""
+    return batch if batch.labels.is_pinned() else batch.pin_memory()
 
 
 def seed_everything(seed: int) -> None:
@@ -76,20 +84,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> Dict[str, Any]:
-    """This process's RNG states (saved per rank in checkpoints)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """This process's RNG states (saved per rank in checkpoints).
+
+    Args:
+        device: this rank's compute device. On CUDA only *its* generator is saved (not
+            ``get_rng_state_all()`` over every visible GPU): a resumed job may see fewer GPUs
+            per process or node, and a rank only ever draws on its own device.
+    """
+    state: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> None:
+    """Restore :func:`rng_state` on this rank (its CUDA generator only, when it has one).
+
+    Checkpoints written before the per-device format hold a list of every visible GPU's
+    state; the entry of this rank's device index is used when it exists, else the CUDA
+    generator keeps its seed (with a warning).
+    """
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # old format: get_rng_state_all()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            logger.warning("checkpoint holds CUDA RNG states of %d device(s); none for %s: keeping its seed",
+                           len(cuda), device)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 class Trainer:
@@ -118,9 +147,10 @@ class Trainer:
         self.retrieval_check: Optional[RetrievalCheck] = None
         self.best: Optional[Dict[str, Any]] = None  # {"step", "metric", "value"} of checkpoints/best
         # fail before joining the process group or writing anything (training/preflight.py)
-        preflight.run_preflight(cfg, resume=resume, world_size=env.world_size if env else None,
-                                device_type=env.device.type if env else None)
-        self.env = env or init_distributed(cfg.train.device)
+        self.preflight = preflight.run_preflight(
+            cfg, resume=resume, world_size=env.world_size if env else None,
+            device_type=env.device.type if env else None, rank=env.rank if env else None)
+        self.env = env or init_distributed(cfg.train.device, timeout_s=cfg.train.collective_timeout_s)
         self.run_dir = Path(cfg.train.run_dir)
         self.is_rank0 = self.env.is_rank_zero
         self.step = 0
@@ -135,6 +165,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
         check_run_dir(self.run_dir, cfg.train.min_free_disk_mb)  # fail now, not after hours of training
+        check_shared_run_dir(self.run_dir)  # every rank writes where rank 0 renames checkpoints
         check_sharding_config(cfg.sharding, env.device.type)
         sparse_optimizer_spec(cfg.train, env.device.type)  # e.g. adam has no CPU kernel
         if cfg.train.deterministic:
@@ -143,14 +174,21 @@ class Trainer:
         self.meta, self.schema = open_dataset(cfg.data.path, cfg.data)
         model = DIGModel(cfg, self.meta, device="meta")
         attach_sparse_optimizer(model, cfg.train, env.device.type)
+        self.train_reader = accounting.RowAccounting(ExposureReader(
+            cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
+        ), self.run_dir, self.schema)  # per-epoch row counts + fingerprint (training/accounting.py)
+        # the planner's cost model: every row of a step (B exposure + R retrieval rows) and the
+        # ids per row of each feature
+        rows_per_step = cfg.data.batch_size + self.train_reader.retrieval_size
         self.plan = plan_sharding(
             model,
             cfg.sharding,
             env.device,
             env.world_size,
             env.local_world_size,
-            cfg.data.batch_size,
+            rows_per_step,
             pg=env.process_group,
+            pooling=feature_pooling_factors(model),
         )
         self.sharding_types = plan_sharding_types(self.plan)
         if self.is_rank0:
@@ -169,9 +207,6 @@ class Trainer:
         self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
         self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank, world_size=env.world_size)
-        self.train_reader = accounting.RowAccounting(ExposureReader(
-            cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
-        ), self.run_dir, self.schema)  # per-epoch row counts + fingerprint (training/accounting.py)
         # the recall objective's logQ correction needs the reader's negative-sampling distribution
         self.dig.criterion.set_sampling_distribution(self.train_reader.negative_sampling_prob(), env.device)
         self.valid_reader: Optional[ExposureReader] = None
@@ -184,6 +219,22 @@ class Trainer:
             self.retrieval_check = self._make_retrieval_check(cfg, self.meta, self.schema, env.device)
         steps_per_epoch = self.train_reader.num_batches
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+        sched = self.preflight.schedule
+        if sched is not None and sched.steps_per_epoch != steps_per_epoch:  # same formula; a guard against drift
+            logger.warning("preflight computed %d steps per epoch, the reader runs %d", sched.steps_per_epoch,
+                           steps_per_epoch)
+        if self.is_rank0:
+            logger.info(
+                "global batch %d exposure rows per step (data.batch_size %d x %d rank(s); + %d retrieval rows per rank); "
+                "LRs are not scaled with it (train.lr=%g, train.sparse_lr=%g)",
+                cfg.data.batch_size * env.world_size, cfg.data.batch_size, env.world_size,
+                self.train_reader.retrieval_size, cfg.train.lr, cfg.train.sparse_lr,
+            )
+        self.pin_memory = cfg.train.pin_memory and env.device.type == "cuda"
+        self.train_reader._reader.pin_memory = self.pin_memory  # data.num_workers > 0: the DataLoader pins
+        configure_precision(self.dig, cfg.train, env.device)
+        # the collision rate scans the whole SID table: read it at log steps, not in every forward
+        self.dig.tokenizer.collision_rate_in_metrics = False
         self.metrics = TrainMetrics(cfg.tokenizer.num_layers)
         # DIGModel.forward calls embedding_bags(batch.sparse_features) first and hides the rest
         # behind torch.fx.wrap, so the pipeline prefetches that call's input all-to-all;
@@ -209,7 +260,11 @@ class Trainer:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
     def _maybe_resume(self) -> None:
-        path = self.checkpoints.resolve(self.resume)
+        # resolved once, on rank 0, and broadcast: every rank loads the same checkpoint even if
+        # a newer one completes while the ranks start, or another node's view of run_dir lags
+        chosen = broadcast_from_rank0(
+            str(self.checkpoints.resolve(self.resume) or "") if self.is_rank0 else None)
+        path = Path(chosen) if chosen else None
         if path is None:
             return
         check_compatible(path, self.cfg, self.meta, for_training=True)
@@ -224,7 +279,7 @@ class Trainer:
         reader = self.train_reader
         if info.rank_state is not None:
             reader.load_state_dict(info.rank_state["reader"])
-            set_rng_state(info.rank_state["rng"])
+            set_rng_state(info.rank_state["rng"], self.env.device)
             self.dense_optimizer.skipped_steps = int(info.rank_state.get("skipped_steps", 0))
         else:
             # World size changed: the row order depends on it, so resume at the same fraction
@@ -360,7 +415,7 @@ class Trainer:
             dataset_meta=self.meta,
             epoch=reader.epoch,
             sharding=self.sharding_types,
-            rank_state={"reader": rstate, "rng": rng_state(), "skipped_steps": self.dense_optimizer.skipped_steps},
+            rank_state={"reader": rstate, "rng": rng_state(self.env.device), "skipped_steps": self.dense_optimizer.skipped_steps},
             extra={"epoch_fraction": frac, "validation": self.last_validation},
         )
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
@@ -380,13 +435,19 @@ class Trainer:
         out.append(self.step + max(left_in_epoch, 1) if left_in_epoch > 0 else self.step + reader.num_batches)
         return [s for s in out if s > self.step]
 
-    @staticmethod
-    def _segment(source: Iterator[DIGBatch], n: int) -> Iterator[DIGBatch]:
+    def _segment(self, source: Iterator[DIGBatch], n: int) -> Iterator[DIGBatch]:
+        """The next ``n`` batches, pinned on CUDA (``train.pin_memory``).
+
+        Pinned here, as the pipeline pulls them, and not in a thread ahead of it: the reader
+        must not yield past a segment's end (its position is checkpointed). A pinned batch
+        makes the pipeline's ``to(device, non_blocking=True)`` a real asynchronous copy on
+        its memcpy stream; from pageable memory it would be synchronous.
+        """
         for _ in range(n):
             batch = next(source, None)
             if batch is None:
                 return
-            yield batch
+            yield pin_batch(batch) if self.pin_memory else batch
 
     def _epoch_iterator(self) -> Iterator[DIGBatch]:
         reader = self.train_reader
@@ -431,7 +492,8 @@ class Trainer:
         self.best = {"step": self.step, "metric": metric, "value": float(value)}
 
     def _log_train(self) -> None:
-        values = self.metrics.compute()
+        tokenizer = self.dig.tokenizer
+        values = self.metrics.compute(extra={"tokenizer/collision_rate": tokenizer.collision_rate()})
         values["train/skipped_steps"] = float(self.dense_optimizer.skipped_steps)
         values["train/lr_factor"] = self.warmup.factor(self.step)
         self.logger.log(self.step, values, kind="train")
