@@ -83,6 +83,7 @@ LEVERS: List[tuple] = [
     ("lever: catalog dead-code rule", ["tokenizer.restart_dead_codes=true", "tokenizer.dead_code_rule=catalog",
                                        "tokenizer.dead_code_threshold=0.05"]),
     ("lever: freeze SIDs 100 steps after init", ["tokenizer.freeze_after_steps=100"]),
+    ("lever: no SID freeze (EMA the whole run)", ["tokenizer.freeze_after_steps=0"]),
     ("lever: Gumbel assignment (decay 200 steps)", ["tokenizer.assignment=gumbel", "tokenizer.gumbel_decay_steps=200"]),
     ("lever: prefix-conditioned SID embedding", ["tokenizer.sid_embedding=sum+prefix"]),
     ("lever: 4 epochs", ["train.epochs=4"]),
