@@ -58,19 +58,22 @@ TOPN = 100
 CANDIDATES = ("include_history", "exclude_history")
 NOT_RETRIEVED = -1e9  # scores at or below this are "not retrieved" (TIGER beam: outside the beam)
 
-# Peer settings. SASRec: d=64, max_len 50, CE loss as in the earlier hand run; TIGER: cornac's
-# GRID recipe (residual k-means tokenizer, no tokenizer training, constant lr 5e-4, wd 1e-6,
-# best-on-val NDCG@10), shrunk to fit minutes on one CPU core (2+2 T5 layers, d_model 128).
+# Peer settings. SASRec: d=64, max_len 50, CE loss as in the earlier hand run (20 epochs instead of
+# 50 to fit the shared machine). TIGER: cornac's GRID recipe (residual k-means tokenizer, no
+# tokenizer training, constant lr, best-on-val NDCG@10), shrunk to fit one CPU core (2+2 T5 layers,
+# d_model 64, 10 history items); ``item_features`` (not a TIGER argument) picks the item vectors the
+# tokenizer quantizes: "content" (items.parquet one-/multi-hot) and/or "svdN" (N-dim truncated SVD
+# item factors of the TRAIN click matrix), joined with "+".
 PEERS: Dict[str, Dict[str, Any]] = {
     "MostPop": {},
     "SASRec": dict(embedding_dim=64, max_len=50, loss="ce", num_blocks=2, num_heads=1, dropout=0.2,
-                   batch_size=512, learning_rate=1e-3, n_sample=2048, sample_alpha=0.5, n_epochs=50,
-                   model_selection="best", val_eval_every=2, val_metric="ndcg", val_k=10),
-    "TIGER": dict(tokenizer="rkmeans", rqvae_num_levels=3, rqvae_codebook_size=32, d_model=128, d_ff=512,
-                  num_heads=4, d_kv=32, num_enc_layers=2, num_dec_layers=2, dropout=0.1, max_len=20,
-                  n_epochs=20, learning_rate=5e-4, weight_decay=1e-6, batch_size=256, lr_schedule="constant",
-                  model_selection="best", val_metric="ndcg", val_k=10, val_eval_every=2, val_sample=None,
-                  scoring="beam", n_beams=10, device="cpu"),
+                   batch_size=512, learning_rate=1e-3, n_sample=2048, sample_alpha=0.5, n_epochs=20,
+                   model_selection="best", val_eval_every=1, val_metric="ndcg", val_k=10),
+    "TIGER": dict(item_features="content+svd32", tokenizer="rkmeans", rqvae_num_levels=3, rqvae_codebook_size=32,
+                  d_model=64, d_ff=256, num_heads=2, d_kv=32, num_enc_layers=2, num_dec_layers=2, dropout=0.1,
+                  max_len=10, n_epochs=6, learning_rate=1e-3, weight_decay=1e-6, batch_size=256,
+                  lr_schedule="constant", model_selection="best", val_metric="ndcg", val_k=10, val_eval_every=2,
+                  val_sample=None, scoring="beam", n_beams=10, device="cpu"),
 }
 TIGER_TEST_BEAMS = TOPN  # beam width for the final top-100 lists (validation uses n_beams = val_k)
 STOCHASTIC = {"SASRec", "TIGER"}
@@ -160,6 +163,35 @@ def _item_content(root: Path, num_items: int) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
+def svd_item_factors(data: "SplitData", k: int) -> np.ndarray:
+    """``[V, k]`` item factors ``V_k sqrt(S_k)`` of the binary TRAIN user x item click matrix
+    (train clicks only: nothing from the valid/test targets)."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    m = sp.csr_matrix((np.ones(len(data.train_item)), (data.train_user, data.train_item)),
+                      shape=(data.num_users, data.num_items))
+    m.data[:] = 1.0
+    k = max(1, min(k, min(m.shape) - 1))
+    _, sv, vt = svds(m, k=k, random_state=0)
+    return (vt.T * np.sqrt(sv)).astype(np.float32)
+
+
+def tiger_item_features(data: "SplitData", spec: str) -> np.ndarray:
+    """Item vectors for TIGER's tokenizer from ``spec`` ("content", "svd32", "content+svd32")."""
+    blocks = []
+    for part in spec.split("+"):
+        part = part.strip()
+        if part == "content":
+            f = data.item_features
+        elif part.startswith("svd"):
+            f = svd_item_factors(data, int(part[3:] or 32))
+        else:
+            raise ValueError(f"unknown item feature block {part!r} (content, svdN)")
+        blocks.append(f / max(float(np.linalg.norm(f, axis=1).mean()), 1e-12))  # each block: unit mean norm
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
 def load_split(root: str | Path) -> SplitData:
     """The project's split of dataset ``root`` as sequences for a sequential recommender."""
     from dig_torchrec.data.reader import load_targets
@@ -199,7 +231,7 @@ def load_split(root: str | Path) -> SplitData:
 
 
 # ---------------------------------------------------------------------- cornac inputs
-def cornac_datasets(data: SplitData, with_features: bool = False):
+def cornac_datasets(data: SplitData, item_features: Optional[np.ndarray] = None):
     """``(train_set, val_set)`` cornac SequentialDatasets (USIT, one session per user) whose
     internal user/item indices ARE the project's ids (maps pre-filled with every id), so the
     candidate set is the whole corpus even for items with no train click."""
@@ -219,10 +251,10 @@ def cornac_datasets(data: SplitData, with_features: bool = False):
                                       global_sid_map=OrderedDict()) if val else None
     if len(iid_map) != data.num_items or len(uid_map) != data.num_users:
         raise RuntimeError("cornac id maps grew: an id outside the dataset's range")
-    if with_features:
+    if item_features is not None:
         from cornac.data import FeatureModality
 
-        fm = FeatureModality(features=data.item_features, ids=list(range(data.num_items)))
+        fm = FeatureModality(features=item_features, ids=list(range(data.num_items)))
         fm.build(id_map=iid_map)
         train_set.add_modalities(item_feature=fm)
         if val_set is not None:
@@ -341,15 +373,20 @@ def score_users(peer: str, model, targets: Targets, num_items: int) -> np.ndarra
 
 
 def run_peer(data: SplitData, peer: str, seed: int, split: str = "test", settings: Optional[Dict[str, Any]] = None,
-             candidates: Sequence[str] = CANDIDATES, topn: int = TOPN) -> Dict[str, Any]:
+             candidates: Sequence[str] = CANDIDATES, topn: int = TOPN, keep_lists: bool = False) -> Dict[str, Any]:
     """Train ``peer`` on ``data``'s train clicks (selection on its validation targets), rank the
-    corpus for ``split``'s target users and score it with the project's metrics."""
+    corpus for ``split``'s target users and score it with the project's metrics.
+
+    ``keep_lists``: also return the top-``topn`` lists (numpy, per protocol) and the model under
+    ``res["lists"]`` / ``res["model"]`` (not JSON-serializable; for tests)."""
     import torch
 
     settings = dict(PEERS[peer] if settings is None else settings)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    train_set, val_set = cornac_datasets(data, with_features=(peer == "TIGER"))
-    model = make_model(peer, seed, settings)
+    model_args = {k: v for k, v in settings.items() if k != "item_features"}
+    feats = tiger_item_features(data, settings.get("item_features", "content")) if peer == "TIGER" else None
+    train_set, val_set = cornac_datasets(data, feats)
+    model = make_model(peer, seed, model_args)
     trace = _ValTrace()
     patched = None
     if peer == "SASRec":
@@ -390,6 +427,10 @@ def run_peer(data: SplitData, peer: str, seed: int, split: str = "test", setting
         m["cross_check"] = cross_check(lists, tg.item, 10)
         m["mean_list_len"] = float((lists >= 0).sum(1).mean())
         res["metrics"][cand] = m
+        if keep_lists:
+            res.setdefault("lists", {})[cand] = lists
+    if keep_lists:
+        res["model"], res["train_set"], res["val_set"] = model, train_set, val_set
     return res
 
 
@@ -588,7 +629,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 NOTES = {
-    "MostPop": "cornac MostPop = train click count per item; deterministic (one run); ties by item id",
+    "MostPop": "cornac MostPop scores an item by its number of distinct train users (equal to the project's "
+               "train click count on ML-100K, where no user rates a movie twice); deterministic (one run); ties "
+               "by item id",
     "SASRec": "fixed epoch budget with cornac's best-on-validation checkpoint (model_selection='best', "
               "validated every val_eval_every epochs on all validation targets); cornac has no early exit",
     "TIGER": "content = one-hot/multi-hot of the items.parquet columns (ML-100K: genres, primary genre, genre "
