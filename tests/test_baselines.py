@@ -145,3 +145,28 @@ def test_ml100k_split_and_cornac_mostpop_equal_the_project_popularity(tmp_path):
     # the numbers of the project's popularity baseline (benchmarks/results/paper_tables_ml100k.md)
     assert res["metrics"]["include_history"]["recall@10"] == pytest.approx(50 / 942)
     assert res["metrics"]["include_history"]["cross_check"]["agree"]
+
+
+def test_paper_tables_peers_option_adds_rows_and_section(tmp_path):
+    """``paper_tables.py --peers``: the committed DIG results re-rendered with a peers JSON."""
+    import argparse
+
+    import paper_tables as PT
+
+    results = json.loads((REPO / "benchmarks" / "results" / "paper_tables_ml100k.json").read_text())["results"]
+    res = {v.name: results.get(v.name, []) for v in PT.VARIANTS}
+    run = {"seed": 0, "settings": {"embedding_dim": 64}, "train_time_s": 12.0, "score_time_s": 1.0,
+           "metrics": {c: {"recall@10": 0.125, "ndcg@10": 0.05, "recall@50": 0.3, "ndcg@50": 0.08,
+                           "recall@100": 0.4, "ndcg@100": 0.1, "cross_check": {"agree": True}} for c in B.CANDIDATES}}
+    doc = {"command": "python benchmarks/baselines.py ...", "cornac_version": "3.0.1",
+           "peers": {"SASRec": {**B.summarize([run]), "runs": [run]}}}
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps(doc))
+    args = argparse.Namespace(config="configs/ml100k.yaml", first_seed=0, notes=None, peers=str(peers))
+    md = PT.render(args, res, "cmd", 0.0)
+    main = md.split("## Main retrieval results")[1].split("\n## ")[0]
+    assert "| SASRec (cornac) | 0.1250 | 0.0500 | 0.3000 | 0.0800 | 0.4000 | 0.1000 | – | – |" in main
+    assert "| SASRec (cornac), exclude history | 0.1250 |" in main
+    assert "## Peers (cornac baselines" in md and "embedding_dim=64" in md
+    args.peers = None
+    assert "SASRec" not in PT.render(args, res, "cmd", 0.0)  # without --peers: unchanged output
