@@ -583,6 +583,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="only the exclude-history candidate protocol (default: both protocols)")
     p.add_argument("--work", default=None, help="cache dir (default runs/baselines/<dataset name>)")
     p.add_argument("--out", default=None, help="output JSON (a .md is written next to it)")
+    p.add_argument("--peer-seeds", default="", help="per-peer seed counts overriding --seeds, e.g. 'TIGER=1'")
+    p.add_argument("--note", action="append", default=[], help="a line added to the notes of the output (repeatable)")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -597,10 +599,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for x in peers:
         if x not in PEERS:
             p.error(f"unknown peer {x!r}")
+    n_seeds = {k.strip(): int(v) for k, v in (x.split("=") for x in args.peer_seeds.split(",") if x.strip())}
     t0 = time.time()
     summary: Dict[str, Any] = {}
     for peer in peers:
-        seeds = range(args.first_seed, args.first_seed + (args.seeds if peer in STOCHASTIC else 1))
+        n = n_seeds.get(peer, args.seeds) if peer in STOCHASTIC else 1
+        seeds = range(args.first_seed, args.first_seed + n)
         runs = [cached_run(data, peer, s, args.split, work, args.force, cands) for s in seeds]
         summary[peer] = {**summarize(runs), "runs": runs}
     command = "python benchmarks/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -617,7 +621,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "full corpus; exclude_history drops the target row's stored history",
         "wall_time_s": time.time() - t0, "peers": summary,
     }
-    doc["notes"] = [f"{k}: {v}" for k, v in NOTES.items() if k in summary]
+    doc["notes"] = [f"{k}: {v}" for k, v in NOTES.items() if k in summary] + list(args.note)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
