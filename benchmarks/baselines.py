@@ -392,13 +392,13 @@ def run_peer(data: SplitData, peer: str, seed: int, split: str = "test", setting
     if peer == "SASRec":
         mod, orig, wrapped = trace.sasrec()
         mod.val_score, patched = wrapped, (mod, orig)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     try:
         model.fit(train_set, val_set)
     finally:
         if patched:
             patched[0].val_score = patched[1]
-    train_time = time.time() - t0
+    train_time, train_cpu = time.time() - t0, time.process_time() - c0
     val_curve = trace.scores if peer == "SASRec" else list(getattr(model, "_trace", []))
     if peer == "TIGER":
         model.n_beams = max(TIGER_TEST_BEAMS, topn)
@@ -408,7 +408,7 @@ def run_peer(data: SplitData, peer: str, seed: int, split: str = "test", setting
     score_time = time.time() - t0
     res: Dict[str, Any] = {
         "peer": peer, "seed": seed, "split": split, "num_users": int(len(tg.user)), "num_items": data.num_items,
-        "settings": settings, "train_time_s": train_time, "score_time_s": score_time, "topn": topn,
+        "settings": settings, "train_time_s": train_time, "train_cpu_s": train_cpu, "score_time_s": score_time, "topn": topn,
         "val_curve": val_curve, "val_every_epochs": settings.get("val_eval_every"),
         "cornac_version": _cornac_version(), "metrics": {},
     }
@@ -453,7 +453,7 @@ def _data_key(root: Path) -> str:
 
 
 def cached_run(data: SplitData, peer: str, seed: int, split: str, work: Path, force: bool = False,
-               candidates: Sequence[str] = CANDIDATES) -> Dict[str, Any]:
+               candidates: Sequence[str] = CANDIDATES, cached_only: bool = False) -> Optional[Dict[str, Any]]:
     settings = PEERS[peer]
     key = hashlib.sha1(json.dumps([peer, settings, split, list(candidates), _data_key(data.root), TOPN],
                                   sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -461,6 +461,9 @@ def cached_run(data: SplitData, peer: str, seed: int, split: str, work: Path, fo
     if path.exists() and not force:
         logger.info("reusing %s", path)
         return json.loads(path.read_text())
+    if cached_only:
+        logger.info("%s seed %d: no cached run (%s), skipped (--cached-only)", peer, seed, path)
+        return None
     logger.info("running %s seed %d on %s ...", peer, seed, split)
     res = run_peer(data, peer, seed, split, settings, candidates)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -586,6 +589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--peer-seeds", default="", help="per-peer seed counts overriding --seeds, e.g. 'TIGER=1'")
     p.add_argument("--note", action="append", default=[], help="a line added to the notes of the output (repeatable)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--cached-only", action="store_true", help="only render runs already cached under --work")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(args.data)
@@ -605,8 +609,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for peer in peers:
         n = n_seeds.get(peer, args.seeds) if peer in STOCHASTIC else 1
         seeds = range(args.first_seed, args.first_seed + n)
-        runs = [cached_run(data, peer, s, args.split, work, args.force, cands) for s in seeds]
-        summary[peer] = {**summarize(runs), "runs": runs}
+        runs = [r for r in (cached_run(data, peer, s, args.split, work, args.force, cands, args.cached_only)
+                            for s in seeds) if r is not None]
+        if runs:
+            summary[peer] = {**summarize(runs), "runs": runs}
     command = "python benchmarks/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
     tg = data.targets(args.split)
     doc = {
