@@ -644,10 +644,11 @@ NOTES = {
                "by item id",
     "SASRec": "fixed epoch budget with cornac's best-on-validation checkpoint (model_selection='best', "
               "validated every val_eval_every epochs on all validation targets); cornac has no early exit",
-    "TIGER": "content = one-hot/multi-hot of the items.parquet columns (ML-100K: genres, primary genre, genre "
-             "combination, release-year bucket; no text embeddings available offline); residual k-means SIDs "
-             "+ a collision level; validation beam = val_k, test beam = 100; items outside the beam are not "
-             "retrieved (-1 slots, count as misses)",
+    "TIGER": "item vectors for the tokenizer (settings.item_features): 'content' = one-/multi-hot of the "
+             "items.parquet columns (ML-100K: genres, primary genre, genre combination, release-year bucket; no "
+             "text embeddings are available offline), 'svdN' = N-dim SVD item factors of the TRAIN click matrix, "
+             "each block scaled to unit mean norm; residual k-means SIDs + cornac's collision level; validation "
+             "beam = val_k, test beam = 100; items outside the beam are not retrieved (-1 slots, count as misses)",
 }
 
 
