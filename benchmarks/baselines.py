@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -613,7 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             for s in seeds) if r is not None]
         if runs:
             summary[peer] = {**summarize(runs), "runs": runs}
-    command = "python benchmarks/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/baselines.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     tg = data.targets(args.split)
     doc = {
         "command": command, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
