@@ -190,6 +190,16 @@ def mean(results: List[Dict[str, object]], key: str) -> float:
     return mean_std(_num(r.get(key)) for r in results)[0]
 
 
+def peer_markdown(args: argparse.Namespace) -> "tuple[List[str], List[str]]":
+    """Main-table rows and a "Peers" section from ``--peers`` (a ``benchmarks/baselines.py`` JSON)."""
+    if not getattr(args, "peers", None):
+        return [], []
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from baselines import peer_markdown as _peer_markdown
+
+    return _peer_markdown(args.peers)
+
+
 def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], command: str, elapsed: float) -> str:
     seeds = len(next(iter(res.values())))
     dig = res["DIG"]
@@ -243,7 +253,12 @@ def render(args: argparse.Namespace, res: Dict[str, List[Dict[str, object]]], co
         a(f"| DIG, full-corpus ranking (upper bound) | {ms(dig, 'full_ranking_recall@10')} | "
           f"{ms(dig, 'full_ranking_ndcg@10')} | {ms(dig, 'full_ranking_recall@50')} | {ms(dig, 'full_ranking_ndcg@50')} | "
           f"{ms(dig, 'full_ranking_recall@100')} | {ms(dig, 'full_ranking_ndcg@100')} | – | – |")
+    peer_table, peer_section = peer_markdown(args)  # --peers: cornac baselines (benchmarks/baselines.py)
+    for line in peer_table:
+        a(line)
     a("")
+    for line in peer_section:
+        a(line)
     base = res["Base"]
     a("## Table 3: ranking AUC (Base = rank-only, `loss.recall_loss_weight=0`)")
     a("")
@@ -364,6 +379,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--render-only", action="store_true",
                    help="train nothing: render the tables from the cached evaluations (rows with fewer seeds say so)")
     p.add_argument("--notes", default=None, help="markdown appended as a 'Findings' section (analysis of the run)")
+    p.add_argument("--peers", default=None, help="JSON written by benchmarks/baselines.py: add its cornac peers as "
+                   "rows of the main table and a 'Peers' section (settings, train time)")
     p.add_argument("--eval-overrides", nargs="*", default=[], help="extra overrides for every `dig eval`")
     p.add_argument("overrides", nargs="*", help="extra training overrides for every variant (e.g. train.epochs=4)")
     args = p.parse_args(argv)
