@@ -198,7 +198,8 @@ def steps_per_epoch(cfg: DIGConfig, slot_rows: List[int]) -> int:
     return max(1, cfg.data.num_workers) * per_slot
 
 
-def resolve_schedule(cfg: DIGConfig, world_size: int, slot_rows: List[int]) -> Schedule:
+def resolve_schedule(cfg: DIGConfig, world_size: int, slot_rows: List[int],
+                     warnings: Optional[List[str]] = None) -> Schedule:
     """Turn the schedule keys given in samples / epochs into steps, and check every event can fire.
 
     ``train.<event>_samples`` becomes ``ceil(samples / global batch)`` steps and
@@ -255,7 +256,10 @@ def resolve_schedule(cfg: DIGConfig, world_size: int, slot_rows: List[int]) -> S
     for msg in problems:
         if cfg.train.max_steps == 0:
             raise ConfigError(msg)
-        logger.warning("%s", msg)
+        if warnings is not None:  # the caller logs them once every check has passed
+            warnings.append(msg)
+        else:
+            logger.warning("%s", msg)
     return sched
 
 
@@ -318,10 +322,13 @@ def run_preflight(
     report = PreflightReport(meta=meta, schema=schema)
     report.slot_rows["train"] = check_work_split(cfg, world, "train", required=True)
     report.slot_rows["valid"] = check_work_split(cfg, world, "valid", required=False)
-    report.schedule = resolve_schedule(cfg, world, report.slot_rows["train"])
+    schedule_warnings: List[str] = []
+    report.schedule = resolve_schedule(cfg, world, report.slot_rows["train"], schedule_warnings)
     if rank == 0:
         report.resume_from = check_resume(cfg, meta, resume)
     report.free_disk_mb = check_run_dir_writable(cfg)  # last: the first check that writes
+    for msg in schedule_warnings:  # after every error: an error stays the first line
+        logger.warning("%s", msg)
     logger.debug(
         "preflight ok: %d train rows over %d slots, resume=%s, %d MB free",
         sum(report.slot_rows["train"]), len(report.slot_rows["train"]), report.resume_from, report.free_disk_mb,
