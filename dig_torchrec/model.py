@@ -586,9 +586,11 @@ class DIGModel(nn.Module):
     def full_corpus_sids(self, items: "ItemTable", batch_size: int = 4096) -> torch.Tensor:
         """SIDs of every item, ``[num_items, L]``, with ``tokenizer.collision_resolution`` applied.
 
-        In ``tokenizer.frozen`` mode this is the balanced-tree table itself.
+        Once the codebooks no longer move (``tokenizer.frozen``: the balanced-tree table;
+        ``tokenizer.freeze_after_steps`` reached) this is the item SID table the recall path
+        was trained on, not a fresh argmin of the still-training encoder's e_v.
         """
-        if self.cfg.tokenizer.frozen and self.tokenizer.is_initialized:
+        if self.tokenizer.ema_frozen and self.tokenizer.is_initialized:
             return self.tokenizer.item_sid_table.clone()
         return self.tokenizer.corpus_sids(self.corpus_item_representations(items, batch_size))
 

@@ -123,3 +123,15 @@ def test_run_dir_checked_before_training(tmp_path: Path) -> None:
         check_run_dir(blocker / "run", min_free_mb=1)
     with pytest.raises(ConfigError, match=r"'run_dir'.*MB free.*min_free_disk_mb"):
         check_run_dir(tmp_path / "run", min_free_mb=1 << 40)
+
+
+def test_saved_step_reads_train_state_then_the_bundle_manifest(tmp_path):
+    import json
+
+    from dig_torchrec.training.loading import saved_step
+
+    assert saved_step(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"step": 7}))
+    assert saved_step(tmp_path) == 7
+    (tmp_path / "train_state.json").write_text(json.dumps({"step": 12}))
+    assert saved_step(tmp_path) == 12

@@ -179,3 +179,12 @@ def test_tokenizer_freeze_after_steps_stops_codebooks_and_sids():
     assert torch.equal(out.sids, frozen_table)  # the table's SIDs, whatever e_v says now
     tok.training_update(out, ids, mask)
     assert torch.equal(tok.quantizer.codebooks, frozen_books) and torch.equal(tok.item_sid_table, frozen_table)
+    # inference serves the SIDs the recall path trained on, not an argmin of the moved e_v
+    assert torch.equal(tok.corpus_sids(e_v.reshape(16, -1)), frozen_table)
+    # a model loaded for inference (or resumed) derives the freeze from its step
+    tok.steps_since_init = 0
+    assert not tok.ema_frozen
+    tok.restore_schedule(cfg.init_after_steps + 2)
+    assert tok.ema_frozen and torch.equal(tok.corpus_sids(e_v.reshape(16, -1)), frozen_table)
+    tok.restore_schedule(cfg.init_after_steps + 1)
+    assert not tok.ema_frozen

@@ -88,6 +88,15 @@ class DIGTokenizer(nn.Module):
         """Eq. 1: ``[N, F_enc, d]`` field embeddings -> e_v ``[N, F_enc, d]``."""
         return self.encoder(fields)
 
+    def restore_schedule(self, step: int) -> None:
+        """Set :attr:`steps_since_init` for a model saved after ``step`` training steps.
+
+        One EMA step runs per training step from ``tokenizer.init_after_steps`` on, so the
+        count is derived from the step (resume, and inference, where it decides whether the
+        codebooks had stopped moving and the SID table is the item's SID).
+        """
+        self.steps_since_init = max(0, int(step) - self.cfg.init_after_steps)
+
     @property
     def ema_frozen(self) -> bool:
         """Codebooks no longer move: ``tokenizer.frozen``, or ``freeze_after_steps`` steps after init."""
@@ -181,7 +190,7 @@ class DIGTokenizer(nn.Module):
             e_v_all: ``[num_items, F_enc*d]`` (or ``[num_items, F, d]``).
             resolution: ``last_layer`` | ``none``; default ``tokenizer.collision_resolution``.
         """
-        if self.cfg.frozen and self.is_initialized:
+        if self.ema_frozen and self.is_initialized:  # the table is every item's (training) SID
             return self.item_sid_table.clone()
         flat = e_v_all.reshape(e_v_all.shape[0], -1).float()
         sids = self.quantizer.assign(flat)

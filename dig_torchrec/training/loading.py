@@ -13,6 +13,7 @@ is a :class:`CheckpointError` naming the damaged file.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -149,6 +150,17 @@ def check_saved_tokenizer(path: Path, cfg: DIGConfig) -> None:
         check_tokenizer_initialized(None, cfg, path, initialized=False)
 
 
+def saved_step(path: Path) -> Optional[int]:
+    """Training steps behind a checkpoint (``train_state.json``) or an export bundle (``manifest.json``)."""
+    for name in ("train_state.json", "manifest.json"):
+        f = path / name
+        if f.is_file():
+            step = (read_train_state(path) if name == "train_state.json" else json.loads(f.read_text())).get("step")
+            if step is not None:
+                return int(step)
+    return None
+
+
 def load_for_inference(
     checkpoint_dir: str | Path,
     device: torch.device | str = "cpu",
@@ -195,6 +207,9 @@ def load_for_inference(
         raise dcp_load_error(path, e) from e
     check_finite_state(path, state, "model")
     model.load_state_dict(state)
+    step = saved_step(path)
+    if step is not None:  # tokenizer.freeze_after_steps: were the codebooks (and SIDs) frozen at this step?
+        model.tokenizer.restore_schedule(step)
     if require_tokenizer:
         check_tokenizer_initialized(model, cfg, path)
     model.to(device)

@@ -275,7 +275,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optim"])
         self.step = info.step
         # EMA steps since the tokenizer init (tokenizer.freeze_after_steps, the Gumbel decay): one per step after it
-        self.dig.tokenizer.steps_since_init = max(0, self.step - self.cfg.tokenizer.init_after_steps)
+        self.dig.tokenizer.restore_schedule(self.step)
         reader = self.train_reader
         if info.rank_state is not None:
             reader.load_state_dict(info.rank_state["reader"])
