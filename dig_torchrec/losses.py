@@ -155,7 +155,8 @@ class DIGLoss(nn.Module):
             grouped: the rows are click groups (positive then ``group_size - 1`` negatives).
                 ``softmax`` needs them; exposure rows (validation) get the BCE of Eq. 10.
             prefix_index: the catalog index built with the sampling probabilities (when
-                :attr:`needs_prefix_index`).
+                :attr:`needs_prefix_index`); None before tokenizer init, when the term is
+                weighted 0 and no SID table exists yet: no logQ correction then.
         """
         if self.cfg.recall_objective == "bce" or not grouped:  # exposure rows (validation): Eq. 10's BCE
             return weighted_bce(logits, labels[None].expand_as(logits), weights)
@@ -166,17 +167,14 @@ class DIGLoss(nn.Module):
         S = n // G
         groups = logits.view(L, S, G)
         gsids = sids.view(S, G, L)
-        depth = torch.arange(1, L + 1, device=sids.device)
         # a negative whose prefix c_1..c_l equals the positive's IS the positive's candidate at depth l
         same = (gsids[:, 1:, :] == gsids[:, :1, :]).long().cumprod(-1)  # [S, G-1, L] prefix equal up to l
         valid = torch.ones(L, S, G, dtype=torch.bool, device=sids.device)
         valid[:, :, 1:] = ~(same.permute(2, 0, 1).bool())
         log_q = None
-        if self.needs_prefix_index:
-            if prefix_index is None:
-                raise ValueError("recall_per_layer: prefix-level logQ needs prefix_index")
+        if self.needs_prefix_index and prefix_index is not None:
             flat = sids.view(n, L)
-            log_q = torch.stack([prefix_index.prefix_mass(flat, int(l)).clamp_min(1e-12).log() for l in depth])
+            log_q = torch.stack([prefix_index.prefix_mass(flat, l).clamp_min(1e-12).log() for l in range(1, L + 1)])
             log_q = log_q.view(L, S, G)
         return sampled_softmax(groups, weights.view(S, G)[:, 0], log_q, valid)
 

@@ -47,7 +47,7 @@ from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchem
 from dig_torchrec.errors import ConfigError, DataError
 from dig_torchrec.losses import LOSS_KEYS, DIGLoss, sampled_softmax, u2t_distillation
 from dig_torchrec.modules.mixer import Mixer
-from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
+from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex, encode_prefix
 from dig_torchrec.modules.tokenizer import DIGTokenizer
 from dig_torchrec.modules.u2t import U2TMLP, U2TStatTable, u2t_teacher
 
@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dig_torchrec.data.items import ItemTable
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DIGModel", "DIGOutput", "UserContext", "LOSS_KEYS", "sid_prefix_key"]
 
 SID_TABLE = "sid"
 SID_PREFIX_TABLE = "sid_prefix"  # tokenizer.sid_embedding=sum+prefix: hashed (c_1..c_l) embeddings
@@ -83,13 +85,9 @@ def hash_prefix(prefix: torch.Tensor, num_codes: int, buckets: int) -> torch.Ten
     multiplicative hash that wraps in int64 arithmetic, and reduced modulo ``buckets``.
     """
     depth = prefix.shape[1]
-    code = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
-    for i in range(depth):
-        code = code * num_codes + prefix[:, i].long()
-    mixed = (code + depth * 0x632BE5AB) * _PREFIX_HASH_MULT
+    mixed = (encode_prefix(prefix, num_codes) + depth * 0x632BE5AB) * _PREFIX_HASH_MULT
     mixed = mixed ^ (mixed >> 29)
     return torch.remainder(mixed, buckets)
-__all__ = ["DIGModel", "DIGOutput", "UserContext", "LOSS_KEYS", "sid_prefix_key"]
 
 
 def sid_prefix_key(layer: int) -> str:
@@ -446,12 +444,8 @@ class DIGModel(nn.Module):
             prefix_index = CatalogPrefixIndex(
                 self.tokenizer.item_sid_table, self.num_codes, crit.sampling_prob if crit.has_sampling_prob else None
             )
-        if grouped and crit.needs_prefix_index and prefix_index is None:  # warm-up: gate is 0, any finite value
-            per_layer = sampled_softmax(recall_logits[:, g_rows].reshape(L, -1, crit.group_size),
-                                        weights_r[g_rows].reshape(-1, crit.group_size)[:, 0])
-        else:
-            per_layer = crit.recall_per_layer(recall_logits[:, g_rows], labels_r[g_rows], weights_r[g_rows],
-                                              sids_r[g_rows], grouped, prefix_index)
+        per_layer = crit.recall_per_layer(recall_logits[:, g_rows], labels_r[g_rows], weights_r[g_rows],
+                                          sids_r[g_rows], grouped, prefix_index)
         if grouped and num_grouped < n:  # retrieval+exposure: Eq. 10's BCE on the exposure rows as well
             e_rows = slice(num_grouped, n)
             per_layer = per_layer + cfg.loss.exposure_recall_weight * crit.recall_per_layer(

@@ -13,7 +13,7 @@ from dig_torchrec.losses import DIGLoss, sampled_softmax, u2t_distillation
 from dig_torchrec.model import DIGModel
 from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
 from dig_torchrec.modules.u2t import u2t_teacher
-from test_model_helpers import all_item_e_v, make_batch, tiny_config, tiny_meta
+from test_model_helpers import initialize, initialized_model, make_batch, tiny_config, tiny_meta
 
 
 def _hand_softmax_ce(logits, log_q=None, valid=None):
@@ -39,12 +39,8 @@ def test_sampled_softmax_equals_hand_computation():
 def test_softmax_recall_objective_in_the_model_is_per_click_cross_entropy():
     """The model's L_recall with loss.recall_objective=softmax equals CE over each click group, by hand."""
     cfg = tiny_config(loss={"recall_objective": "softmax"})
-    torch.manual_seed(0)
     meta = tiny_meta()
-    model = DIGModel(cfg, meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
+    model = initialized_model(cfg, meta)
     G = 1 + cfg.data.negatives_per_positive
     batch = make_batch(meta, B=16, R=4 * G, seed=3)
     batch.retrieval_labels.zero_()
@@ -129,9 +125,7 @@ def test_prefix_negative_term_trains_and_is_zero_before_init():
     batch = make_batch(meta, B=16, R=4 * G, seed=4)
     before = model.forward_parts(batch)  # not initialised: no index, the term adds 0
     assert torch.isfinite(before["recall"])
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
+    initialize(model, meta)
     with_term = model.forward_parts(batch)
     cfg_off = tiny_config(loss={"recall_objective": "softmax"})
     model.cfg = cfg_off
@@ -168,11 +162,7 @@ def test_u2t_distillation_is_row_weighted_mse():
 def test_train_mlp_prob_one_feeds_the_mlp_estimate():
     cfg = tiny_config(u2t={"train_mlp_prob": 1.0})
     meta = tiny_meta()
-    torch.manual_seed(0)
-    model = DIGModel(cfg, meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
+    model = initialized_model(cfg, meta)
     parts = model.forward_parts(make_batch(meta, seed=2))
     torch.testing.assert_close(parts["u2t_in"], parts["u2t_hat"].detach())
     assert not torch.allclose(parts["u2t_in"], parts["teacher"])
@@ -196,12 +186,8 @@ def test_retrieval_plus_exposure_adds_the_exposure_rows_bce():
     """loss.recall_samples=retrieval+exposure: click-group softmax plus Eq. 10's BCE on the exposure rows."""
     cfg = tiny_config(loss={"recall_objective": "softmax", "recall_samples": "retrieval+exposure",
                             "exposure_recall_weight": 0.5})
-    torch.manual_seed(0)
     meta = tiny_meta()
-    model = DIGModel(cfg, meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
+    model = initialized_model(cfg, meta)
     G = 1 + cfg.data.negatives_per_positive
     B = 16
     batch = make_batch(meta, B=B, R=4 * G, seed=3)

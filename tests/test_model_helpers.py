@@ -96,3 +96,20 @@ def item_kjt(meta: DatasetMeta, ids: torch.Tensor):
 
 def all_item_e_v(model, meta: DatasetMeta) -> torch.Tensor:
     return model.item_representation(item_kjt(meta, torch.arange(meta.num_items))).flatten(1)
+
+
+def initialize(model, meta: DatasetMeta):
+    """Run the balanced-tree tokenizer init on every item (eval mode), then back to training mode."""
+    model.eval()
+    model.initialize_tokenizer(all_item_e_v(model, meta))
+    model.train()
+    return model
+
+
+def initialized_model(cfg: DIGConfig, meta: DatasetMeta | None = None):
+    """A seeded ``DIGModel`` on ``meta`` (default :func:`tiny_meta`) with its tokenizer initialised, in training mode."""
+    from dig_torchrec.model import DIGModel
+
+    torch.manual_seed(0)
+    meta = meta or tiny_meta()
+    return initialize(DIGModel(cfg, meta), meta)

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from dig_torchrec.model import LOSS_KEYS, DIGModel
-from test_model_helpers import all_item_e_v, make_batch, tiny_config, tiny_meta
+from test_model_helpers import all_item_e_v, initialized_model, make_batch, tiny_config, tiny_meta
 
 
 def _model(cfg) -> DIGModel:
-    torch.manual_seed(0)
-    meta = tiny_meta()
-    model = DIGModel(cfg, meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
-    return model
+    return initialized_model(cfg)
 
 
 def _pair(section: str, key: str, value):

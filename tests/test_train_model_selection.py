@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from dig_torchrec.config import load_config
 from dig_torchrec.errors import ConfigError
 from dig_torchrec.training.checkpoint import CheckpointManager
-
-REPO = Path(__file__).resolve().parents[1]
+from test_train_single_process import _cfg as single_process_cfg
 
 
 def _cfg(data: Path, run_dir: Path, *extra: str):
-    return load_config(
-        REPO / "configs" / "tiny.yaml",
-        [
-            f"data.path={data}", f"run_dir={run_dir}", "data.batch_size=64", "data.eval_batch_size=256",
-            "data.history_length=5", "data.retrieval_positives=16", "data.negatives_per_positive=3",
-            "data.shuffle_buffer=1024", "tokenizer.init_after_steps=2", "train.log_every=2",
-            "train.val_max_batches=1", "train.keep_latest_k=1", *extra,
-        ],
-    )
+    """test_train_single_process's tiny training config, keeping one checkpoint besides the best."""
+    return single_process_cfg(data, run_dir, "train.deterministic=false", "train.keep_latest_k=1", *extra)
 
 
 def test_best_checkpoint_is_the_argmax_of_the_logged_validation_metric(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The catalog's SIDs sorted by prefix: prefix ranges, prefix sampling mass, sibling draws.
 
-Used by the recall objective (``dig_torchrec/losses.py``) during training:
+:func:`encode_prefix` is the base-K code of a prefix (the SID index, the hashed prefix
+embedding). Used by the recall objective (``dig_torchrec/losses.py``) during training:
 
 * :meth:`CatalogPrefixIndex.prefix_mass` - ``Q(c_1..c_l)``, the sampling probability of a
   prefix under an item-level proposal (the logQ correction at depth l, where a sampled
@@ -21,6 +22,19 @@ from typing import Optional, Tuple
 import torch
 
 from dig_torchrec.errors import ConfigError
+
+
+def encode_prefix(tokens: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Prefix tokens ``[..., l]`` -> prefix codes ``[...]`` (base-``num_codes`` digits).
+
+    Args:
+        tokens: int64 tokens in ``[0, num_codes)``, last dim = depth ``l``.
+        num_codes: K.
+    """
+    code = torch.zeros(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+    for i in range(tokens.shape[-1]):  # loop over depth (<= L), not over items
+        code = code * num_codes + tokens[..., i].long()
+    return code
 
 
 def _bits_per_token(num_codes: int) -> int:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dig_torchrec.errors import CheckpointError
+from dig_torchrec.modules.prefix_sampler import encode_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     from dig_torchrec.data.items import ItemTable
@@ -37,19 +38,6 @@ logger = logging.getLogger(__name__)
 
 SID_INDEX_DIR = "sid_index"
 _FILES = ("sid_table.parquet", "inverted_index.parquet", "prefixes.parquet", "index.json")
-
-
-def encode_prefix(tokens: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Prefix tokens ``[..., l]`` -> prefix codes ``[...]`` (base-``num_codes`` digits).
-
-    Args:
-        tokens: int64 tokens in ``[0, num_codes)``, last dim = depth ``l``.
-        num_codes: K.
-    """
-    code = torch.zeros(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
-    for i in range(tokens.shape[-1]):  # loop over depth (<= L), not over items
-        code = code * num_codes + tokens[..., i].long()
-    return code
 
 
 def decode_prefix(codes: torch.Tensor, depth: int, num_codes: int) -> torch.Tensor:
