@@ -123,3 +123,72 @@ def test_chunked_multiprocess_generation_is_deterministic(tmp_path):
 def test_unknown_preset_is_an_error(tmp_path, capsys):
     assert dig_main(["data", "synth", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "unknown synth preset 'huge'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- retrieval signal + oracle
+def test_retrieval_signal_is_opt_in_and_on_for_the_industrial_presets():
+    """micro/tiny keep p_brand = 0 (their data is unchanged); the industrial presets plant it."""
+    assert preset("micro").p_brand == 0 and preset("tiny").p_brand == 0
+    assert preset("industrial_small").p_brand > 0 and preset("industrial_large").p_brand > 0
+
+
+def _brand_chunk(p_brand, rows_per_user=40_000, users=3):
+    from dig_torchrec.data.synthetic import _world, generate_chunk
+
+    cfg = preset("micro", p_brand=p_brand, num_users=users)
+    chunk = generate_chunk(cfg, 0, 0, np.full(users, rows_per_user))
+    return cfg, _world(cfg), chunk
+
+
+def test_oracle_exposure_matches_the_sampled_exposures():
+    """The oracle's P(exposure | user) is the generator's real exposure law (total variation
+    against 40K sampled exposures per user), and misses it when the brand draw is ignored."""
+    from dataclasses import replace
+
+    from dig_torchrec.data.synthetic import oracle_exposure
+
+    cfg, world, chunk = _brand_chunk(0.7)
+    assert (chunk.users.fav_brand >= 0).all()
+    user = chunk.table.column("user_id").to_numpy()
+    item = chunk.table.column("item_id").to_numpy()
+    expo = oracle_exposure(cfg, world, chunk.users, np.arange(3))
+    np.testing.assert_allclose(expo.sum(axis=1), 1.0, atol=1e-9)
+    no_brand = oracle_exposure(replace(cfg, p_brand=0.0), world, chunk.users, np.arange(3))
+    for u in range(3):
+        emp = np.bincount(item[user == u], minlength=cfg.num_items) / (user == u).sum()
+        assert 0.5 * np.abs(emp - expo[u]).sum() < 0.04  # sampling noise alone: ~0.02
+        assert 0.5 * np.abs(emp - no_brand[u]).sum() > 0.1  # the brand draw moves real mass (~0.16 here)
+
+
+def test_oracle_ranks_the_users_clicks_far_above_popularity():
+    """Items the oracle puts in a user's top-10 collect most of that user's clicks; the
+    world's 10 most popular items collect few."""
+    from dig_torchrec.data.synthetic import oracle_scores
+
+    cfg, world, chunk = _brand_chunk(0.7)
+    user = chunk.table.column("user_id").to_numpy()
+    item = chunk.table.column("item_id").to_numpy()
+    label = chunk.table.column("label").to_numpy()
+    top_pop = np.argsort(-world.log_pop)[:10]
+    for u in range(3):
+        clicked = item[(user == u) & (label > 0)]
+        dev = np.bincount(chunk.table.column("device").to_numpy()[user == u]).argmax()
+        top_oracle = np.argsort(-oracle_scores(cfg, world, chunk.users, np.array([u]), np.array([dev]))[0])[:10]
+        assert np.isin(clicked, top_oracle).mean() > max(0.5, 2 * np.isin(clicked, top_pop).mean())
+
+
+def test_meta_records_the_oracle_and_popularity_stays_a_small_fraction(tmp_path, capsys):
+    """`dig data synth --p-brand` plants a learnable signal; meta.json states the oracle R@10,
+    popularity's R@10 on the same targets, and popularity stays <= 0.25 of the oracle."""
+    out = tmp_path / "brand"
+    assert dig_main(["data", "synth", "--preset", "tiny", "--p-brand", "0.7", "--out", str(out)]) == 0
+    oracle = DatasetMeta.load(out).extra["retrieval_oracle"]
+    assert oracle["users"] == oracle["test_users"] > 500
+    assert oracle["recall@10"] > 0.6
+    assert oracle["popularity_fraction_of_oracle"] <= 0.25
+    plain = generate(preset("tiny"), tmp_path / "plain")["retrieval_oracle"]
+    assert oracle["recall@10"] > plain["recall@10"] + 0.1  # the brand signal concentrates the next click
+    capsys.readouterr()
+    assert dig_main(["data", "synth", "--preset", "tiny", "--p-brand", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--p-brand must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--users", type=int, default=None, help="override the number of users")
     s.add_argument("--items", type=int, default=None, help="override the number of items")
     s.add_argument("--history-length", type=int, default=None, help="stored history length")
+    s.add_argument("--p-brand", type=float, default=None,
+                   help="retrieval signal: share of personal exposures from the user's favourite brand "
+                        "(presets: 0 for micro/tiny, 0.7 for industrial_*)")
     s.add_argument("--processes", type=int, default=None, help="worker processes (default: min(2, cores))")
     s.set_defaults(func=_synth)
 
@@ -114,7 +117,9 @@ def _synth(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_root(out)
     cfg = preset(args.preset, seed=args.seed, num_rows=args.rows, num_users=args.users, num_items=args.items,
-                 history_length=args.history_length)
+                 history_length=args.history_length, p_brand=args.p_brand)
+    if not 0.0 <= cfg.p_brand <= 1.0:
+        raise DataError(f"--p-brand must be in [0, 1], got {cfg.p_brand}")
     from dig_torchrec.data.synthetic import generate
 
     with atomic_dataset_root(out) as tmp:
