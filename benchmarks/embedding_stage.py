@@ -6,8 +6,11 @@
 
 What one timed step does, for the two big tables of ``configs/industrial_large.yaml``
 (``user_id``: 20M rows, ``item_id``: 500K rows read by ``item_id`` and the 20 history
-features; d = 64, fp32): look up the step's ids, pool them (sum bags), multiply by a fixed
-upstream gradient (``loss = sum(pooled * G)``), run backward and the sparse optimizer.
+features; d = 64, fp32): look up the step's ids, pool them (sum bags), run backward from a
+fixed upstream gradient ``G`` (``pooled.backward(G)``) and the sparse optimizer. (Until
+2026-12-04 the step formed ``sum(pooled * G)`` first; that dense multiply and its backward
+are the same fixed cost on both sides, outside the embedding stage, and diluted the ratio:
+1.26x measured that way on an idle machine, see results/embedding_stage.json history.)
 The dense network is left out on purpose: ``train_throughput.py``'s
 ``torchrec_vs_plain_pytorch`` runs identical dense code on both sides, so on CPU it
 mostly measures the Mixer.
@@ -141,7 +144,7 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         def step(i: int) -> None:
             pooled = dmp(kjts[i % len(kjts)]).values()  # [rows, (1 + 1 + H) * d], key order
-            (pooled * grad).sum().backward()  # the fused row-wise Adagrad updates the touched rows here
+            pooled.backward(grad)  # the fused row-wise Adagrad updates the touched rows here
 
     else:
         from torch import nn
@@ -171,8 +174,7 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         def step(i: int) -> None:
             uv, uo, iv, io = prepared[i % len(prepared)]
-            loss = (bags["user_id"](uv, uo) * grad_user).sum() + (bags["item_id"](iv, io) * grad_item).sum()
-            loss.backward()
+            torch.autograd.backward([bags["user_id"](uv, uo), bags["item_id"](iv, io)], [grad_user, grad_item])
             opt.step()
             opt.zero_grad(set_to_none=True)
 
