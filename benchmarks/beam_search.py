@@ -81,7 +81,7 @@ from dig_torchrec.retrieval.beam_search import (  # noqa: E402
     leaves_to_items,
     rank_all_items,
 )
-from dig_torchrec.retrieval.metrics import overlap_at_k  # noqa: E402
+from dig_torchrec.retrieval.metrics import overlap_at_k, recall_at_k, target_ranks  # noqa: E402
 from dig_torchrec.retrieval.sid_index import SidIndex  # noqa: E402
 
 logger = logging.getLogger("beam_search_bench")
@@ -192,6 +192,7 @@ def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
     make_scorers(torch.arange(1))  # warm-up outside the timings: builds and caches eval's U2I function
     return {"num_items": num_items, "index": bundle.index, "make_scorers": make_scorers, "available_users": available,
             "bundle": bundle, "user_rows": user_rows, "target_user_ids": targets.user_id[user_rows],
+            "target_items": targets.target_item[user_rows],
             "prep_seconds": {"load_checkpoint_and_sid_index": t_load, "item_representations": t_ev,
                              "load_targets": t_targets}}
 
@@ -313,6 +314,9 @@ def bench_catalog(cat: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
             rec["fidelity_top10"] = overlap_at_k(beam_items[:m], exh_items[:m], TOPN)
             rec["fidelity_users"] = m
             rec["speedup_limit"] = num_items / rec["scored_pairs_per_user"]
+        if "target_items" in cat:  # checkpoint mode: real held-out clicks, so Recall@10 against them
+            items = torch.cat([r["items"] for r in rs])
+            rec["recall@10"] = recall_at_k(target_ranks(items, cat["target_items"][:items.shape[0]]), TOPN)
         out["methods"][key] = rec
     if args.ancestor_ranks:  # untimed diagnostic: where beam search loses the exhaustive top leaves
         out["ancestor_ranks"] = ancestor_rank_summary(cat, torch.cat([r["leaf_codes"] for r in runs["exhaustive"]]),
@@ -491,10 +495,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             "speedup_vs_full_ranking>=10 (B=64, largest catalog)": at(big, "beam_b64", "speedup_vs_full_ranking") >= 10,
             "fidelity_top10>=0.9 (B=64, largest catalog)": at(big, "beam_b64", "fidelity_top10") >= 0.9,
         },
+        "recall_at_10": {k: m["recall@10"] for c in details if c["num_items"] == big
+                         for k, m in c["methods"].items() if "recall@10" in m},
         "table": [
             {"num_items": c["num_items"], "method": k, "users_per_s": m["users_per_s"],
              "speedup_vs_full_ranking": m["speedup_vs_full_ranking"], "fidelity_top10": m.get("fidelity_top10"),
-             "scored_pairs_per_user": m["scored_pairs_per_user"], "speedup_limit": m.get("speedup_limit")}
+             "scored_pairs_per_user": m["scored_pairs_per_user"], "speedup_limit": m.get("speedup_limit"),
+             "recall@10": m.get("recall@10")}
             for c in details for k, m in c["methods"].items()
         ],
         "details": details,

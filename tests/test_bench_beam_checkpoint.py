@@ -79,6 +79,11 @@ def test_checkpoint_mode_uses_the_real_catalog_and_requests(trained_checkpoint: 
     m = detail["methods"]
     # beam search with B >= |V| is exhaustive: identical top-10 for every fidelity user
     assert m[f"beam_b{V}"]["fidelity_top10"] == 1.0 and m[f"beam_b{V}"]["fidelity_users"] == 6
+    # Recall@10 against the real held-out clicks, per method; the unbounded beam equals exhaustive
+    assert m[f"beam_b{V}"]["recall@10"] == m["exhaustive"]["recall@10"]
+    assert set(res["recall_at_10"]) == {"beam_b16", "beam_b64", f"beam_b{V}", "exhaustive", "full"}
+    assert all(0.0 <= r <= 1.0 and abs(r * m[k]["users"] - round(r * m[k]["users"])) < 1e-9  # a share of users
+               for k, r in res["recall_at_10"].items())
     assert m["beam_b16"]["fidelity_users"] == 6  # the requested fidelity set, not the row budget's 2+
     # the ancestor-rank diagnostic: every exhaustive top-10 leaf's ancestor at each depth < L, all
     # inside the top B when B covers every prefix
