@@ -129,7 +129,7 @@ def main(argv: List[str] | None = None) -> int:
     first = next(iter(cfgs.values()))
     meta, schema = open_dataset(root, first)
     columns = ExposureReader(root, "train", first, schema).decoder.columns()
-    slots = {k: ExposureReader(root, "train", c, schema).num_positive_slots for k, c in cfgs.items()}
+    slots = {k: ExposureReader(root, "train", c, schema).num_retrieval_positives for k, c in cfgs.items()}
     names = ["raw", *cfgs]
     raw_scan(root, columns)  # warm-up: page cache, arrow thread pool
     wall: Dict[str, List[float]] = {k: [] for k in names}
