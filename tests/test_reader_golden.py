@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest

@@ -218,7 +218,7 @@ class UserStates:
         lengths = array.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = array.flatten()  # honours the slice offset and skips null slots
+        flat = array.flatten()  # honours the slice offset and skips null entries
         if len(flat) != offsets[-1]:
             raise DataError(f"user_state column: {len(flat)} entries but list lengths sum to {offsets[-1]}")
         keys = flat.field(STATE_KEY).to_numpy(zero_copy_only=False).astype(np.int64)  # writable copy for torch
