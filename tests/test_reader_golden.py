@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pprint
 import sys
 import tempfile
 from pathlib import Path
@@ -66,115 +65,24 @@ GOLDEN_TARGETS: Dict[str, str] = {
     "test": "267f2f7c75d58c32be59d519a3fd91cda17878b917c0b8b4c4d73d2c27231cb0"
 }
 
-# name -> the reader's state_dict() after the epoch (keys and values), plus its sizes
-GOLDEN_STATES: Dict[str, Dict[str, object]] = {'uniform_shuffle': {'epoch': 0,
-                     'batches_in_epoch': 112,
-                     'rows_consumed': 7143,
-                     'retrieval_clicks_dropped': 3,
-                     'num_batches': 112,
-                     'world_size': 1,
-                     'num_workers': 0,
-                     'seed': 0,
-                     'split': 'train',
-                     'rows': 7143,
-                     'retrieval_size': 64,
-                     'sampling_prob': None},
- 'popularity_auto_epoch1': {'epoch': 1,
-                            'batches_in_epoch': 112,
-                            'rows_consumed': 7143,
-                            'retrieval_clicks_dropped': 0,
-                            'num_batches': 112,
-                            'world_size': 1,
-                            'num_workers': 0,
-                            'seed': 0,
-                            'split': 'train',
-                            'rows': 7143,
-                            'retrieval_size': 80,
-                            'sampling_prob': '98d3173b9468b97932206ef12ebe8528ff5cc2f4aac30797d1b442f7d7f173a2'},
- 'no_shuffle': {'epoch': 0,
-                'batches_in_epoch': 112,
-                'rows_consumed': 7143,
-                'retrieval_clicks_dropped': 42,
-                'num_batches': 112,
-                'world_size': 1,
-                'num_workers': 0,
-                'seed': 0,
-                'split': 'train',
-                'rows': 7143,
-                'retrieval_size': 64,
-                'sampling_prob': None},
- 'valid_eval': {'epoch': 0,
-                'batches_in_epoch': 4,
-                'rows_consumed': 793,
-                'retrieval_clicks_dropped': 116,
-                'num_batches': 4,
-                'world_size': 1,
-                'num_workers': 0,
-                'seed': 0,
-                'split': 'valid',
-                'rows': 793,
-                'retrieval_size': 64,
-                'sampling_prob': None},
- 'no_retrieval': {'epoch': 0,
-                  'batches_in_epoch': 112,
-                  'rows_consumed': 7143,
-                  'retrieval_clicks_dropped': 0,
-                  'num_batches': 112,
-                  'world_size': 1,
-                  'num_workers': 0,
-                  'seed': 0,
-                  'split': 'train',
-                  'rows': 7143,
-                  'retrieval_size': 0,
-                  'sampling_prob': None},
- 'rank0_of_2': {'epoch': 0,
-                'batches_in_epoch': 56,
-                'rows_consumed': 3584,
-                'retrieval_clicks_dropped': 325,
-                'num_batches': 56,
-                'world_size': 2,
-                'num_workers': 0,
-                'seed': 0,
-                'split': 'train',
-                'rows': 3584,
-                'retrieval_size': 16,
-                'sampling_prob': '98d3173b9468b97932206ef12ebe8528ff5cc2f4aac30797d1b442f7d7f173a2'},
- 'rank1_of_2': {'epoch': 0,
-                'batches_in_epoch': 56,
-                'rows_consumed': 3559,
-                'retrieval_clicks_dropped': 322,
-                'num_batches': 56,
-                'world_size': 2,
-                'num_workers': 0,
-                'seed': 0,
-                'split': 'train',
-                'rows': 3559,
-                'retrieval_size': 16,
-                'sampling_prob': '98d3173b9468b97932206ef12ebe8528ff5cc2f4aac30797d1b442f7d7f173a2'},
- 'rank2_of_3': {'epoch': 0,
-                'batches_in_epoch': 40,
-                'rows_consumed': 2048,
-                'retrieval_clicks_dropped': 0,
-                'num_batches': 40,
-                'world_size': 3,
-                'num_workers': 0,
-                'seed': 0,
-                'split': 'train',
-                'rows': 2048,
-                'retrieval_size': 64,
-                'sampling_prob': None},
- 'workers2': {'epoch': 0,
-              'batches_in_epoch': 112,
-              'rows_consumed': 7143,
-              'retrieval_clicks_dropped': 2,
-              'num_batches': 112,
-              'world_size': 1,
-              'num_workers': 2,
-              'seed': 0,
-              'split': 'train',
-              'rows': 7143,
-              'retrieval_size': 64,
-              'sampling_prob': None}}
+# the reader's state_dict() keys, in order: checkpoints store them, so they must not change
+STATE_KEYS = ["epoch", "batches_in_epoch", "rows_consumed", "retrieval_clicks_dropped", "num_batches", "world_size",
+              "num_workers", "seed", "split"]
+
+# name -> the state_dict() values after the epoch (STATE_KEYS order), then rows, retrieval_size and the
+# sha256 of negative_sampling_prob() (None: uniform)
+POPULARITY = "98d3173b9468b97932206ef12ebe8528ff5cc2f4aac30797d1b442f7d7f173a2"
+GOLDEN_STATES: Dict[str, Tuple] = {
+    "uniform_shuffle": (0, 112, 7143, 3, 112, 1, 0, 0, "train", 7143, 64, None),
+    "popularity_auto_epoch1": (1, 112, 7143, 0, 112, 1, 0, 0, "train", 7143, 80, POPULARITY),
+    "no_shuffle": (0, 112, 7143, 42, 112, 1, 0, 0, "train", 7143, 64, None),
+    "valid_eval": (0, 4, 793, 116, 4, 1, 0, 0, "valid", 793, 64, None),
+    "no_retrieval": (0, 112, 7143, 0, 112, 1, 0, 0, "train", 7143, 0, None),
+    "rank0_of_2": (0, 56, 3584, 325, 56, 2, 0, 0, "train", 3584, 16, POPULARITY),
+    "rank1_of_2": (0, 56, 3559, 322, 56, 2, 0, 0, "train", 3559, 16, POPULARITY),
+    "rank2_of_3": (0, 40, 2048, 0, 40, 3, 0, 0, "train", 2048, 64, None),
+    "workers2": (0, 112, 7143, 2, 112, 1, 2, 0, "train", 7143, 64, None),
+}
 
 
 def _base(root: Path) -> DataConfig:
@@ -259,13 +167,15 @@ def make_reader(root: Path, schema, name: str) -> ExposureReader:
     return ExposureReader(root, split, dataclasses.replace(_base(root), **overrides), schema, **kwargs)
 
 
-def _state(reader: ExposureReader) -> Dict[str, object]:
+def _state(reader: ExposureReader) -> Tuple:
+    state = reader.state_dict()
+    assert list(state) == STATE_KEYS
     prob = reader.negative_sampling_prob()
-    return {**reader.state_dict(), "rows": reader.rows, "retrieval_size": reader.retrieval_size,
-            "sampling_prob": None if prob is None else hashlib.sha256(prob.numpy().tobytes()).hexdigest()}
+    return (*state.values(), reader.rows, reader.retrieval_size,
+            None if prob is None else hashlib.sha256(prob.numpy().tobytes()).hexdigest())
 
 
-def epoch_digests(root: Path, schema, name: str) -> Tuple[List[str], Dict[str, object]]:
+def epoch_digests(root: Path, schema, name: str) -> Tuple[List[str], Tuple]:
     reader = make_reader(root, schema, name)
     digests = [batch_digest(b) for b in reader]
     return digests, _state(reader)
@@ -298,7 +208,7 @@ def golden_schema(tiny_dataset):
 @pytest.mark.parametrize("name", list(CASES))
 def test_epoch_is_bit_identical_to_the_pre_redesign_reader(tiny_dataset, golden_schema, name):
     digests, state = epoch_digests(tiny_dataset, golden_schema, name)
-    assert len(digests) == state["num_batches"]
+    assert len(digests) == state[STATE_KEYS.index("num_batches")]
     assert state == GOLDEN_STATES[name]
     assert _chain(digests) == GOLDEN_EPOCHS[name]
     if name in RESUME_AT:
@@ -352,7 +262,10 @@ def _record(root: Optional[Path] = None) -> None:
         print(f"GOLDEN_EPOCHS = {json.dumps(epochs, indent=4)}")
         print(f"GOLDEN_RESUMES = {json.dumps(resumes, indent=4)}")
         print(f"GOLDEN_TARGETS = {json.dumps({s: targets_digest(root, s, schema) for s in ('valid', 'test')}, indent=4)}")
-        print(f"GOLDEN_STATES = {pprint.pformat(states, sort_dicts=False)}")
+        print("GOLDEN_STATES = {")
+        for name, state in states.items():
+            print(f"    {name!r}: {state!r},")
+        print("}")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,3 @@ class BatchAssembler:
         return KeyedJaggedTensor(keys=self.schema.keys, values=torch.from_numpy(values),
                                  lengths=torch.from_numpy(lengths), stride=N, length_per_key=length_per_key,
                                  offset_per_key=offset_per_key)
-
-    def padding(self, rows: BatchRows, draw: Optional[RetrievalDraw]) -> DIGBatch:
-        """A weight-0 batch (evens out step counts across slots)."""
-        b = self.assemble(rows, draw)
-        b.weights.zero_()
-        b.retrieval_weights.zero_()
-        return b

@@ -12,6 +12,7 @@ arrow -> Python objects.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -90,11 +91,12 @@ class History:
         return self._dense(self.last[rows], self.num[rows])
 
 
+@dataclass
 class DecodedWindow:
     """Decoded rows of one shuffle window, permuted once into emission order, so that every
     batch is a contiguous range (slice copies instead of random gathers).
 
-    Args:
+    Attributes:
         sparse_t: ``[n_user_ctx, n]`` user + context ids, key-major (user_id first).
         item: ``[n]`` item ids.
         label: ``[n]`` float32 labels.
@@ -104,15 +106,13 @@ class DecodedWindow:
         state_row: ``[n]`` emission row -> index into ``states`` (None: identity).
     """
 
-    def __init__(self, sparse_t: np.ndarray, item: np.ndarray, label: np.ndarray, hist: "History",
-                 u2i: np.ndarray, states: Optional[UserStates], state_row: Optional[np.ndarray]) -> None:
-        self.sparse_t = sparse_t
-        self.item = item
-        self.label = label
-        self.hist = hist
-        self.u2i = u2i
-        self.states = states
-        self.state_row = state_row
+    sparse_t: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+    hist: History
+    u2i: np.ndarray
+    states: Optional[UserStates]
+    state_row: Optional[np.ndarray]
 
     @property
     def num_rows(self) -> int:

@@ -291,7 +291,8 @@ class ExposureReader(IterableDataset):
         return {b: self.assembler.assemble(r, draws.get(b)) for b, r in rows.items()}
 
     def _batch(self, plan: SlotPlan, b: int, parts: List[Tuple[DecodedWindow, int, int]]) -> DIGBatch:
-        """Batch ``b`` from its row ranges ``(window, first row, end row)`` (it straddles windows)."""
+        """Batch ``b`` from its row ranges ``(window, first row, end row)`` (a batch that
+        straddles windows, or the template row of a padding batch)."""
         rows = BatchRows.of_parts(parts)
         draw = None
         if self.num_retrieval_positives:
@@ -301,16 +302,13 @@ class ExposureReader(IterableDataset):
 
     def _padding_batch(self, plan: SlotPlan, b: int) -> DIGBatch:
         """Weight-0 batch ``b``: copies of the split's first row (its retrieval rows drawn from
-        batch ``b``'s generator like any batch's)."""
+        batch ``b``'s generator like any batch's), to even out step counts across slots."""
         if self._padding_window is None:
             self._padding_window = self.windows.load([self.row_groups[0]])
-        parts = [(self._padding_window, 0, 1)]
-        rows = BatchRows.of_parts(parts)
-        draw = None
-        if self.num_retrieval_positives:
-            draw = plan.draw_retrieval(b, rows.batch_label, rows.batch_item, self.num_retrieval_positives, self.sampler)
-            negative_u2i(self.u2i_fn, parts, draw)
-        return self.assembler.padding(rows, draw)
+        batch = self._batch(plan, b, [(self._padding_window, 0, 1)])
+        batch.weights.zero_()
+        batch.retrieval_weights.zero_()
+        return batch
 
 
 class _WorkerStreams(IterableDataset):
