@@ -136,12 +136,12 @@ def industrial_meta(num_users: int = 20_000_000, num_items: int = 500_000, *, nu
 
 
 def auto_positive_slots(click_rate: float, batch_size: int) -> int:
-    """The reader's ``data.retrieval_positives=0`` rule (:func:`~dig_torchrec.data.reader.positive_slots_for`)
+    """The reader's ``data.retrieval_positives=0`` rule (:func:`~dig_torchrec.data.sampling.retrieval_positives_for`)
     for a click rate given as a number: the rate is taken as clicks per 10^6 rows."""
-    from dig_torchrec.data.reader import positive_slots_for
+    from dig_torchrec.data.sampling import retrieval_positives_for
 
     scale = 10**6
-    return positive_slots_for(round(click_rate * scale), scale, batch_size)
+    return retrieval_positives_for(round(click_rate * scale), scale, batch_size)
 
 
 class SyntheticBatches:

@@ -25,10 +25,19 @@ Method (built for a shared, busy host):
 Results go to ``benchmarks/results/reader_throughput.json``. Goal (issue 2): reader >= 50%
 of the raw scan rate.
 
+``--paired-against TREE`` instead compares this checkout's reader with the one of another
+source tree (e.g. a ``git worktree`` of an older commit) on the same data: each round runs
+one epoch per tree in a fresh process (``PYTHONPATH`` = the tree), old and new alternating
+which goes first, ``--epochs-per-run`` timed epochs after an untimed settle epoch in the same
+process; the headline is the
+median over rounds of the paired ratio of rows per CPU-second (``time.process_time``, all
+threads of the process, so other jobs on the host barely move it), next to wall time.
+
 Usage::
 
     python benchmarks/reader_throughput.py --data data/industrial_small          # generated if missing
     python benchmarks/reader_throughput.py --data /tmp/bench1m --rows 1000000 --repeats 5 --workers 0,2
+    python benchmarks/reader_throughput.py --data /tmp/bench --rows 300000 --paired-against ../wt-pre-reader
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,6 +97,59 @@ def machine_info() -> Dict[str, object]:
     }
 
 
+def _child_epochs(root: Path, cfg: DataConfig, epochs: int) -> Dict[str, float]:
+    """One untimed settle epoch, then ``epochs`` timed epochs, of the reader importable here."""
+    _, schema = open_dataset(root, cfg, deep=False)
+    reader_pass(root, cfg, schema)
+    rows = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(epochs):
+        n, dropped = reader_pass(root, cfg, schema)
+        rows += n
+    return {"rows": rows, "dropped": dropped, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def paired(args: argparse.Namespace, root: Path, cfg: DataConfig) -> Dict[str, object]:
+    """This tree's reader vs ``--paired-against``'s, alternating rounds (module docstring)."""
+    trees = {"new": Path(__file__).resolve().parents[1], "old": Path(args.paired_against).resolve()}
+    runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in trees}
+    load_per_round = []
+    for rep in range(args.repeats):
+        load_per_round.append(list(os.getloadavg()))
+        for name in (["old", "new"] if rep % 2 == 0 else ["new", "old"]):
+            env = {**os.environ, "PYTHONPATH": str(trees[name]), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            out = subprocess.run([sys.executable, __file__, "--child-epoch", "--data", str(root),
+                                  "--batch-size", str(args.batch_size), "--negatives", str(args.negatives),
+                                  "--positives", str(cfg.retrieval_positives),
+                                  "--reader-threads", str(cfg.reader_threads),
+                                  "--epochs-per-run", str(args.epochs_per_run)],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            runs[name].append(r)
+            logger.info("round %d %s: %d rows %.2fs wall %.2f cpu-s = %.0f rows/cpu-s", rep, name, r["rows"],
+                        r["wall"], r["cpu"], r["rows"] / r["cpu"])
+    assert runs["old"][0]["rows"] == runs["new"][0]["rows"]
+    per_cpu = {k: [r["rows"] / r["cpu"] for r in v] for k, v in runs.items()}
+    per_wall = {k: [r["rows"] / r["wall"] for r in v] for k, v in runs.items()}
+    ratio_cpu = [a / b for a, b in zip(per_cpu["new"], per_cpu["old"])]
+    ratio_wall = [a / b for a, b in zip(per_wall["new"], per_wall["old"])]
+    return {
+        "mode": "paired", "trees": {k: str(v) for k, v in trees.items()},
+        "commits": {k: subprocess.run(["git", "-C", str(v), "rev-parse", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip() for k, v in trees.items()},
+        "dataset": str(root), "batch_size": args.batch_size, "negatives_per_positive": args.negatives,
+        "retrieval_positives": cfg.retrieval_positives, "reader_threads": cfg.reader_threads,
+        "repeats": args.repeats, "order": "old first on even rounds, new first on odd rounds; each run = a fresh "
+                                          "process, one untimed settle epoch then --epochs-per-run timed epochs",
+        "headline_ratio_cpu_new_over_old": statistics.median(ratio_cpu),
+        "paired_ratio_cpu": ratio_cpu,
+        "headline_ratio_wall_new_over_old": statistics.median(ratio_wall),
+        "paired_ratio_wall": ratio_wall,
+        "rows_per_cpu_second": per_cpu, "rows_per_second": per_wall, "runs": runs,
+        "machine": {**machine_info(), "loadavg_per_round": load_per_round, "loadavg_end": list(os.getloadavg())},
+    }
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/industrial_small", help="dataset root (generated if missing)")
@@ -106,8 +169,17 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--settle", type=int, default=1, choices=(0, 1),
                    help="1: an untimed run of the same config right before each timed run (steady state, "
                         "see the module docstring); 0: back-to-back timed runs only")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader_throughput.json"))
+    p.add_argument("--paired-against", default=None,
+                   help="another source tree (e.g. a git worktree of an older commit): compare its reader with "
+                        "this one, rows per CPU-second, alternating rounds (first --positives and --reader-threads "
+                        "value, workers=0)")
+    p.add_argument("--epochs-per-run", type=int, default=3, help="timed epochs per paired run")
+    p.add_argument("--child-epoch", action="store_true", help=argparse.SUPPRESS)  # one paired run (internal)
+    p.add_argument("--out", default=None, help="result JSON (default: results/reader_throughput.json, "
+                                               "results/reader_paired.json with --paired-against)")
     args = p.parse_args(argv)
+    default_out = "reader_paired.json" if args.paired_against else "reader_throughput.json"
+    args.out = args.out or str(Path(__file__).parent / "results" / default_out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     root = Path(args.data)
     if not (root / "meta.json").exists():
@@ -118,6 +190,23 @@ def main(argv: List[str] | None = None) -> int:
     positives = [int(x) for x in args.positives.split(",") if x.strip()]
 
     threads = [int(t) for t in args.reader_threads.split(",") if t.strip()]
+    if args.child_epoch or args.paired_against:
+        one = DataConfig(path=str(root), batch_size=args.batch_size, history_length=20, num_workers=0,
+                         negatives_per_positive=args.negatives, retrieval_positives=positives[0],
+                         reader_threads=threads[0])
+        if args.child_epoch:
+            print(json.dumps(_child_epochs(root, one, args.epochs_per_run)))
+            return 0
+        result = paired(args, root, one)
+        result["command"] = "python benchmarks/reader_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        logger.info("new / old: %.3f rows per CPU-second (paired median; rounds %s), %.3f wall",
+                    result["headline_ratio_cpu_new_over_old"],
+                    ", ".join(f"{r:.3f}" for r in result["paired_ratio_cpu"]), result["headline_ratio_wall_new_over_old"])
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        logger.info("wrote %s", out)
+        return 0
 
     def cfg_for(w: int, p_slots: int, t: int = 0) -> DataConfig:
         return DataConfig(path=str(root), batch_size=args.batch_size, history_length=20, num_workers=w,
@@ -129,7 +218,7 @@ def main(argv: List[str] | None = None) -> int:
     first = next(iter(cfgs.values()))
     meta, schema = open_dataset(root, first)
     columns = ExposureReader(root, "train", first, schema).decoder.columns()
-    slots = {k: ExposureReader(root, "train", c, schema).num_positive_slots for k, c in cfgs.items()}
+    slots = {k: ExposureReader(root, "train", c, schema).num_retrieval_positives for k, c in cfgs.items()}
     names = ["raw", *cfgs]
     raw_scan(root, columns)  # warm-up: page cache, arrow thread pool
     wall: Dict[str, List[float]] = {k: [] for k in names}

@@ -51,8 +51,7 @@ class TokenizerConfig:
     encoder_layers: int = 4  # Transformer layers of the VQ encoder
     encoder_heads: int = 4
     include_item_id: bool = True  # item id is one of the encoder's fields (keeps twins apart)
-    # alpha in c <- alpha c + (1 - alpha) e_bar. 0.99 lagged the moving e_v and collapsed the codebooks
-    # (92% colliding items after 300 steps on industrial_small); 0.95 + threshold 0.5 kept 7% (README).
+    # alpha in c <- alpha c + (1 - alpha) e_bar (why 0.95: docs/benchmarks.md)
     ema_decay: float = 0.95
     laplace_epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes
     dead_code_threshold: float = 0.5  # EMA count (items per step, all ranks) below which a code is restarted

@@ -50,11 +50,11 @@ def test_history_rows_keeps_each_rows_most_recent_ids_in_the_given_order(seed):
             out_vals[last[r] - num[r] + 1:last[r] + 1].tolist()
 
 
-def _kjt_reference(sparse_t, item, item_features, hist_lists, H, lo, n, B, slot_rows, slot_items):
+def _kjt_reference(sparse_t, item, item_features, hist_lists, H, lo, n, B, positive_rows, group_items):
     """Per-key values/lengths of the batch, row by row in python."""
-    P, R1 = slot_items.shape
-    src = [lo + i for i in range(n)] + [lo] * (B - n) + [lo + int(slot_rows[p]) for p in range(P) for _ in range(R1)]
-    items = [int(item[r]) for r in src[:B]] + slot_items.reshape(-1).tolist()
+    P, R1 = group_items.shape
+    src = [lo + i for i in range(n)] + [lo] * (B - n) + [lo + int(positive_rows[p]) for p in range(P) for _ in range(R1)]
+    items = [int(item[r]) for r in src[:B]] + group_items.reshape(-1).tolist()
     values, lengths = [], []
     for u in range(sparse_t.shape[0]):
         values.append([int(sparse_t[u, r]) for r in src])
@@ -83,12 +83,12 @@ def test_batch_kjt_equals_a_row_by_row_reference(seed, P, n):
     hv, hl, hn = kernels.history_rows(vals, offs[1:] - 1, np.minimum(np.diff(offs), H),
                                       np.arange(rows, dtype=np.int64))
     lo = int(rng.integers(0, rows - B))
-    slot_rows = np.sort(rng.choice(n, min(P, n), replace=False)).astype(np.int64)
-    slot_rows = np.concatenate([slot_rows, np.zeros(P - slot_rows.size, dtype=np.int64)])
-    slot_items = rng.integers(0, 40, (P, 1 + K))
+    positive_rows = np.sort(rng.choice(n, min(P, n), replace=False)).astype(np.int64)
+    positive_rows = np.concatenate([positive_rows, np.zeros(P - positive_rows.size, dtype=np.int64)])
+    group_items = rng.integers(0, 40, (P, 1 + K))
     values, lengths, counts = kernels.batch_kjt(sparse_t, item, item_features, hv, hl, hn, H, lo, n, B,
-                                                slot_rows, slot_items)
-    ref_v, ref_l = _kjt_reference(sparse_t, item, item_features, lists, H, lo, n, B, slot_rows, slot_items)
+                                                positive_rows, group_items)
+    ref_v, ref_l = _kjt_reference(sparse_t, item, item_features, lists, H, lo, n, B, positive_rows, group_items)
     N = B + P * (1 + K)
     assert lengths.dtype == np.int32 and lengths.size == len(ref_l) * N
     assert lengths.reshape(-1, N).tolist() == ref_l
@@ -107,7 +107,7 @@ def test_batch_dense_fills_exposure_and_retrieval_rows(clicks):
     clicks = np.array(clicks, dtype=np.int64)
     neg = rng.integers(0, 50, (clicks.size, K))
     neg_u2i = rng.random((clicks.size * K, d), dtype=np.float32)
-    ex_u2i, ex_label, w, slot_rows, slot_items, r_u2i, r_lab, r_w = kernels.batch_dense(
+    ex_u2i, ex_label, w, positive_rows, group_items, r_u2i, r_lab, r_w = kernels.batch_dense(
         label, u2i, item, lo, n, B, P, clicks, neg, neg_u2i)
     src = [lo + i for i in range(n)] + [lo] * (B - n)
     assert np.array_equal(ex_u2i, u2i[src]) and np.array_equal(ex_label, label[src])
@@ -118,10 +118,10 @@ def test_batch_dense_fills_exposure_and_retrieval_rows(clicks):
         q = p if p < real else 0
         assert r_w[p].tolist() == [float(p < real)] * (1 + K)
         if real == 0:  # every slot row is exposure row 0
-            assert slot_rows[p] == 0 and (slot_items[p] == item[lo]).all() and (r_u2i[p] == u2i[lo]).all()
+            assert positive_rows[p] == 0 and (group_items[p] == item[lo]).all() and (r_u2i[p] == u2i[lo]).all()
             continue
-        assert slot_rows[p] == clicks[q]
-        assert slot_items[p].tolist() == [item[lo + clicks[q]]] + neg[q].tolist()
+        assert positive_rows[p] == clicks[q]
+        assert group_items[p].tolist() == [item[lo + clicks[q]]] + neg[q].tolist()
         assert np.array_equal(r_u2i[p, 0], u2i[lo + clicks[q]])
         assert np.array_equal(r_u2i[p, 1:], neg_u2i[q * K:(q + 1) * K])
 
@@ -130,14 +130,14 @@ def test_single_key_stats_on_arrow_view_states_equals_the_composite_index(tiny_d
     """U2IFunction's compiled path over the reader's zero-copy states of a SLICED column
     (offsets not starting at 0) equals the composite-index path on copied states."""
     meta, schema = tiny_meta_schema
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     col = pads.dataset(str(tiny_dataset / "train")).to_table(columns=["user_state"]).column("user_state")
     arr = col.combine_chunks().slice(101, 2000)
     view = ArrowUserStates.from_arrow_view(arr, meta.u2i_stats)
     assert isinstance(view, ArrowUserStates) and int(view._np_offsets[0]) > 0
     rng = np.random.default_rng(0)
     rows = torch.from_numpy(rng.integers(0, len(view), 500))
-    items = torch.from_numpy(rng.integers(0, fn.items.num_items, 500))
+    items = torch.from_numpy(rng.integers(0, fn.num_items, 500))
     assert view.prefers_segmented(500 * len(fn.spec.fields))
     got = fn(view, rows, items)
     ref = UserStates.from_arrow(arr, meta.u2i_stats)

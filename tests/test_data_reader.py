@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
+from dig_torchrec.data.decode import History
 from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.reader import ExposureReader, load_targets, open_dataset
 from dig_torchrec.data.u2i import U2IFunction, UserStates
@@ -115,7 +116,7 @@ def test_negative_u2i_is_computed_from_the_positive_user_state(tiny_dataset, tin
     # unshuffled: the first batch is the first B rows in file order
     clicks = np.flatnonzero(table.column("label").to_numpy()[:B] > 0)[:P]
     states = UserStates.from_arrow(table.column("user_state").slice(0, B))
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     items = batch.sparse_features["item_id"].values()[B:].view(P, 1 + K)
     expect = fn(states, torch.from_numpy(clicks).repeat_interleave(1 + K), items[: len(clicks)].reshape(-1))
     got = batch.retrieval_u2i.view(P, 1 + K, -1)[: len(clicks)].reshape(-1, meta.u2i_dim)
@@ -185,16 +186,16 @@ def test_auto_retrieval_positives_follow_the_train_click_rate(tiny_dataset, tiny
         cfg = dataclasses.replace(tiny_data_config, retrieval_positives=0, batch_size=B, eval_batch_size=2 * B)
         expect = min(max(-(-2 * clicks * B // rows), 1), B)
         assert 0 < expect <= B
-        got = {ExposureReader(tiny_dataset, "train", cfg, schema, rank=r, world_size=2).num_positive_slots
+        got = {ExposureReader(tiny_dataset, "train", cfg, schema, rank=r, world_size=2).num_retrieval_positives
                for r in range(2)}
         assert got == {expect}
         eval_expect = min(max(-(-2 * clicks * 2 * B // rows), 1), 2 * B)
-        assert ExposureReader(tiny_dataset, "valid", cfg, schema).num_positive_slots == eval_expect
+        assert ExposureReader(tiny_dataset, "valid", cfg, schema).num_retrieval_positives == eval_expect
     # the tiny set's click rate is well below 1/2, so auto is much smaller than the old B // 2
     cfg = dataclasses.replace(tiny_data_config, retrieval_positives=0)
     reader = ExposureReader(tiny_dataset, "train", cfg, schema)
-    assert reader.num_positive_slots < cfg.batch_size // 2
-    assert reader.retrieval_size == reader.num_positive_slots * (1 + cfg.negatives_per_positive)
+    assert reader.num_retrieval_positives < cfg.batch_size // 2
+    assert reader.retrieval_size == reader.num_retrieval_positives * (1 + cfg.negatives_per_positive)
     assert next(iter(reader)).retrieval_size == reader.retrieval_size
 
 
@@ -273,7 +274,7 @@ def test_load_targets_matches_retrieval_file(tiny_dataset, tiny_meta_schema):
         h = hist[i][::-1][: schema.history_length]
         assert targets.history[i].tolist() == h + [-1] * (schema.history_length - len(h))
     assert len(targets.states) == len(targets)
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     assert torch.equal(fn(targets.states, torch.arange(len(targets)), targets.target_item), targets.u2i)
 
 
@@ -326,7 +327,8 @@ def test_decoding_straight_into_emission_order_equals_decode_then_permute(tiny_d
     permuted afterwards, for the zero-copy history path and the null-list fallback."""
     import pyarrow as pa
 
-    from dig_torchrec.data.reader import RowDecoder, list_row_groups
+    from dig_torchrec.data.decode import RowDecoder
+    from dig_torchrec.data.shards import list_row_groups
 
     meta, schema = tiny_meta_schema
     dec = RowDecoder(schema, meta, hash_ids=False, with_state=False)
@@ -348,12 +350,13 @@ def test_decoding_straight_into_emission_order_equals_decode_then_permute(tiny_d
 
 @pytest.mark.parametrize("null_history", [False, True])
 def test_window_history_in_emission_order_equals_the_dense_history(tiny_dataset, tiny_meta_schema, null_history):
-    """A shuffled window's ``_History`` (each row's kept ids as one run, rows in emission
+    """A shuffled window's ``History`` (each row's kept ids as one run, rows in emission
     order) == the dense ``[H, n]`` -1 padded block, also for concatenated + permuted parts
     and for the row ranges of a batch that straddles windows."""
     import pyarrow as pa
 
-    from dig_torchrec.data.reader import RowDecoder, _History, list_row_groups
+    from dig_torchrec.data.decode import RowDecoder
+    from dig_torchrec.data.shards import list_row_groups
 
     meta, schema = tiny_meta_schema
     H = schema.history_length
@@ -380,23 +383,23 @@ def test_window_history_in_emission_order_equals_the_dense_history(tiny_dataset,
     # a multi-row-group window: parts concatenated then permuted
     h1, h2 = dec.decode_window(t.slice(0, 150), g)[3], dec.decode_window(t.slice(150), g)[3]
     perm2 = rng.permutation(n)
-    cat = _History.concat([h1, h2]).select(perm2)
+    cat = History.concat([h1, h2]).select(perm2)
     full = dec.decode_window(t, g)[3]
     assert np.array_equal(cat.block(0, n), np.take(full.block(0, n), perm2, axis=1))
     # the rows of a batch straddling two windows
-    part = _History.of_ranges([(hist, n - 30, n), (cat, 0, 20)])
+    part = History.of_ranges([(hist, n - 30, n), (cat, 0, 20)])
     assert np.array_equal(part.block(0, 50), np.concatenate([dense[:, n - 30:], cat.block(0, 20)], axis=1))
 
 
-def _kjt_of_rows(schema, sparse_t, item, hist_t, item_features, B, slot_rows, slot_items):
+def _kjt_of_rows(schema, sparse_t, item, hist_t, item_features, B, positive_rows, group_items):
     """Reference KJT (make_kjt) of B exposure rows (rows past ``item.size`` copy row 0) then
-    each slot's click row repeated over its 1 + K items, from dense per-row columns."""
+    each retrieval positive's click row repeated over its 1 + K items, from dense per-row columns."""
     from dig_torchrec.data.batch import make_kjt
 
     n = item.size
     src = np.concatenate([np.arange(n), np.zeros(B - n, dtype=np.int64),
-                          np.repeat(slot_rows, slot_items.shape[1])]).astype(np.int64)
-    items = np.concatenate([item[src[:B]], slot_items.reshape(-1)])
+                          np.repeat(positive_rows, group_items.shape[1])]).astype(np.int64)
+    items = np.concatenate([item[src[:B]], group_items.reshape(-1)])
     cols = [sparse_t[u, src] for u in range(sparse_t.shape[0])]
     cols += [item_features[items, f] for f in range(item_features.shape[1])]
     values = [torch.from_numpy(c.copy()) for c in cols]
@@ -413,40 +416,39 @@ def test_batch_kjt_equals_a_reference_built_from_dense_rows(tiny_dataset, tiny_d
                                                             positives):
     """The KJT of a batch (compiled, straight from the window) == make_kjt over the dense
     rows: full batches at any offset, a short last batch (padding rows) and a batch that
-    straddles two windows, with and without retrieval slots."""
+    straddles two windows, with and without retrieval rows."""
     _, schema = tiny_meta_schema
     cfg = dataclasses.replace(tiny_data_config, retrieval_positives=max(positives, 1))
     reader = ExposureReader(tiny_dataset, "train", cfg, schema)
-    windows, rngs = reader._slot_order(0, 0)
-    win = reader._load_window(windows[0], rngs[0])
-    win2 = reader._load_window(windows[1], rngs[1])
+    plan = reader.plan(slot=0, epoch=0)
+    win = reader.windows.load(plan.windows[0], plan.window_permutation(0))
+    win2 = reader.windows.load(plan.windows[1], plan.window_permutation(1))
     B, K = reader.batch_size, reader.negatives
     assert win.num_rows >= 4 * B
     rng = np.random.default_rng(positives)
-    feats = reader._item_features
+    feats = reader.assembler.item_features
     cases = [([(win, a, a + B)]) for a in (0, B, 7, 3 * B)] + [[(win, 5, 5 + B // 3)]]
     cases.append([(win, win.num_rows - B // 2, win.num_rows), (win2, 0, B - B // 2)])  # straddles
     for parts in cases:
         n = sum(b - a for _, a, b in parts)
-        slot_rows = np.sort(rng.choice(n, min(positives, n), replace=False)).astype(np.int64) if positives \
+        positive_rows = np.sort(rng.choice(n, min(positives, n), replace=False)).astype(np.int64) if positives \
             else np.zeros(0, dtype=np.int64)
-        slot_items = rng.integers(0, reader.items.num_items, (slot_rows.size, 1 + K))
+        group_items = rng.integers(0, reader.items.num_items, (positive_rows.size, 1 + K))
         sparse_t = np.concatenate([w.sparse_t[:, a:b] for w, a, b in parts], axis=1)
         item = np.concatenate([w.item[a:b] for w, a, b in parts])
         hist_t = np.concatenate([w.hist.block(a, b) for w, a, b in parts], axis=1)
-        ref = _kjt_of_rows(schema, sparse_t, item, hist_t, feats, B, slot_rows, slot_items)
+        ref = _kjt_of_rows(schema, sparse_t, item, hist_t, feats, B, positive_rows, group_items)
         if len(parts) == 1:
             w, a, _ = parts[0]
-            got = reader._kjt(w.sparse_t, w.item, w.hist, a, n, slot_rows, slot_items)
+            got = reader.assembler.kjt(w.sparse_t, w.item, w.hist, a, n, positive_rows, group_items)
         else:
-            from dig_torchrec.data.reader import _History
-            got = reader._kjt(sparse_t, item, _History.of_ranges([(w.hist, a, b) for w, a, b in parts]), 0, n,
-                              slot_rows, slot_items)
+            got = reader.assembler.kjt(sparse_t, item, History.of_ranges([(w.hist, a, b) for w, a, b in parts]), 0, n,
+                              positive_rows, group_items)
         assert torch.equal(got.values(), ref.values()) and torch.equal(got.lengths(), ref.lengths())
         assert got.length_per_key() == ref.length_per_key() and got.offset_per_key() == ref.offset_per_key()
         assert got.keys() == ref.keys() and got.stride() == ref.stride()
     # the batch a reader yields across the window boundary is built the same way
-    straddle = reader._make_batch(cases[-1], reader._batch_generator(0, 0, 99))
+    straddle = reader._batch(plan, 99, cases[-1])
     assert straddle.sparse_features.stride() == B + reader.retrieval_size
     assert torch.equal(straddle.sparse_features["user_id"].values()[:B],
                        torch.from_numpy(np.concatenate([w.sparse_t[0, a:b] for w, a, b in cases[-1]])))

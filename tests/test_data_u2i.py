@@ -27,7 +27,7 @@ def _all_rows(root: Path) -> pa.Table:
 @pytest.mark.parametrize("split", ["train", "valid", "test", "retrieval/test"])
 def test_recomputing_u2i_from_user_state_reproduces_the_stored_column(tiny_dataset, tiny_meta_schema, split):
     meta, schema = tiny_meta_schema
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     path = tiny_dataset / (split + ".parquet" if split.startswith("retrieval") else split)
     table = pads.dataset(str(path)).to_table()
     clicks = np.flatnonzero(table.column("label").to_numpy() > 0)
@@ -120,7 +120,7 @@ def test_u2i_formula():
 def test_full_corpus_u2i_is_vectorized_and_matches_per_item(tiny_dataset, tiny_meta_schema):
     meta, schema = tiny_meta_schema
     items = ItemTable.load(tiny_dataset, schema)
-    fn = U2IFunction(meta, items)
+    fn = U2IFunction(meta, items.u2i_keys)
     table = pads.dataset(str(tiny_dataset / "retrieval" / "test.parquet")).to_table()
     states = UserStates.from_arrow(table.column("user_state")).select(torch.tensor([0]))
     all_items = torch.arange(items.num_items)
@@ -148,7 +148,7 @@ def test_full_corpus_u2i_scales_to_500k_candidates():
     import time
 
     t0 = time.perf_counter()
-    out = U2IFunction(meta, items)(states, torch.zeros(1, dtype=torch.long), torch.arange(n_items))
+    out = U2IFunction(meta, items.u2i_keys)(states, torch.zeros(1, dtype=torch.long), torch.arange(n_items))
     assert out.shape == (n_items, 6)
     assert time.perf_counter() - t0 < 5.0
     hit = torch.isin(feats[:, 2] + spec.key_offsets[1], keys)
@@ -214,7 +214,7 @@ def test_u2i_of_a_reader_window_matches_per_state_recomputation(tiny_dataset, ti
     """U2IFunction on many states with few queries (the segmented path, all fields in one
     lookup) equals the composite path and, for the click itself, the stored u2i bit for bit."""
     meta, schema = tiny_meta_schema
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     table = pads.dataset(str(tiny_dataset / "train")).to_table()
     clicks = np.flatnonzero(table.column("label").to_numpy() > 0)
     states = UserStates.from_arrow(table.column("user_state"))
@@ -224,7 +224,7 @@ def test_u2i_of_a_reader_window_matches_per_state_recomputation(tiny_dataset, ti
     assert states._composite is None  # the segmented path ran
     stored = np.stack(table.column("u2i").to_numpy(zero_copy_only=False))[clicks]
     assert torch.equal(got, torch.from_numpy(stored.astype(np.float32)))
-    neg = torch.from_numpy(np.random.default_rng(0).integers(0, fn.items.num_items, clicks.size * 3))
+    neg = torch.from_numpy(np.random.default_rng(0).integers(0, fn.num_items, clicks.size * 3))
     rows = torch.from_numpy(np.repeat(clicks, 3))
     seg = fn(states, rows, neg)
     states.composite(fn.stride)
@@ -271,13 +271,13 @@ def ref_type_fields(array):
 def test_single_key_u2i_path_equals_the_per_field_loop(tiny_dataset, tiny_meta_schema):
     """U2IFunction's one-gather path for single-valued fields == the per-field CSR loop."""
     meta, schema = tiny_meta_schema
-    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema))
+    fn = U2IFunction(meta, ItemTable.load(tiny_dataset, schema).u2i_keys)
     assert fn._single_keys is not None
     table = pads.dataset(str(tiny_dataset / "train")).to_table()
     states = UserStates.from_arrow(table.column("user_state"))
     rng = np.random.default_rng(0)
     rows = torch.from_numpy(rng.integers(0, len(states), 3000))
-    items = torch.from_numpy(rng.integers(0, fn.items.num_items, 3000))
+    items = torch.from_numpy(rng.integers(0, fn.num_items, 3000))
     fast = fn(states, rows, items)
     single, fn._single_keys = fn._single_keys, None
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dig_torchrec.data.schema import ITEM_ID, LABEL, DatasetMeta, FeatureSchema
+from dig_torchrec.data.u2i import ItemU2IKeys, U2ISpec, item_u2i_keys
 from dig_torchrec.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,7 +47,7 @@ class ItemTable:
     """
 
     def __init__(self, features: torch.Tensor, feature_names: List[str], popularity: torch.Tensor,
-                 u2i_keys: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 u2i_keys: ItemU2IKeys) -> None:
         self.features = features
         self.feature_names = list(feature_names)
         self.popularity = popularity
@@ -65,8 +66,6 @@ class ItemTable:
             schema: feature layout (item feature column order).
             meta: dataset metadata; read from ``ROOT/meta.json`` when omitted.
         """
-        from dig_torchrec.data.u2i import U2ISpec  # local: u2i imports this module for typing
-
         root = Path(root)
         meta = meta or DatasetMeta.load(root)
         path = root / ITEMS_FILE
@@ -105,24 +104,7 @@ class ItemTable:
                 raise DataError(
                     f"{path}: column '{name}' row {int(bad[0])}: id {int(feats[bad[0], j])} outside [0, {card})"
                 )
-        spec = U2ISpec.from_meta(meta)
-        u2i_keys = []
-        for f, (field, off) in enumerate(zip(spec.fields, spec.key_offsets)):
-            if field not in table.column_names:
-                raise DataError(f"{path}: missing column '{field}' (u2i field)")
-            col = table.column(field).combine_chunks()
-            card = spec.field_cardinality[f]
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                lens = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-                vals = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-            else:
-                lens = np.ones(n, dtype=np.int64)
-                vals = col.to_numpy(zero_copy_only=False).astype(np.int64)
-            if vals.size and (vals.min() < 0 or vals.max() >= card):
-                raise DataError(f"{path}: column '{field}' has values outside [0, {card})")
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(lens, out=offsets[1:])
-            u2i_keys.append((torch.from_numpy(offsets), torch.from_numpy(vals + off)))
+        u2i_keys = item_u2i_keys(table, U2ISpec.from_meta(meta), path)
         if TRAIN_CLICKS in table.column_names:
             pop = table.column(TRAIN_CLICKS).to_numpy().astype(np.float32)
         else:

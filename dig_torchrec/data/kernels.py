@@ -8,7 +8,7 @@ is one pass over plain int64/float32 arrays that runs without the GIL, so the re
 prefetch threads scale with the cores.
 
 Every kernel is a pure function of its arguments (no randomness: all draws stay in the
-reader, seeded per batch), and ``tests/test_data_kernels.py`` checks each against a
+reader's plan, seeded per batch: ``plan.py``), and ``tests/test_data_kernels.py`` checks each against a
 straightforward numpy/python reference.
 
 Indices are trusted: the reader validates ids when it decodes a window (ids in range or
@@ -48,13 +48,13 @@ def njit(*args, **kwargs) -> Callable:
 @njit(nogil=True, cache=True)
 def batch_kjt(sparse_t: np.ndarray, item: np.ndarray, item_features: np.ndarray, hist_vals: np.ndarray,
               hist_last: np.ndarray, hist_num: np.ndarray, num_hist_keys: int, lo: int, n: int, batch_size: int,
-              slot_rows: np.ndarray, slot_items: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+              positive_rows: np.ndarray, group_items: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """KJT values/lengths of one batch: B exposure rows, then P*(1+K) retrieval rows.
 
     Row layout (stride ``N = B + P * (1 + K)``): exposure row ``i < n`` is window row
     ``lo + i``; rows ``n .. B-1`` pad with copies of row ``lo``; retrieval row
-    ``B + p * (1 + K) + k`` has the user-side features of window row ``lo + slot_rows[p]``
-    and item ``slot_items[p, k]``. Keys (key-major, like :func:`make_kjt`): the U user and
+    ``B + p * (1 + K) + k`` has the user-side features of window row ``lo + positive_rows[p]``
+    and item ``group_items[p, k]``. Keys (key-major, like :func:`make_kjt`): the U user and
     context keys (``sparse_t`` rows), the F item features (``item_features`` columns,
     gathered by each row's item), then ``hist_0 .. hist_{H-1}`` where ``hist_j`` of window
     row r is ``hist_vals[hist_last[r] - j]`` when ``j < hist_num[r]`` and absent otherwise.
@@ -63,12 +63,12 @@ def batch_kjt(sparse_t: np.ndarray, item: np.ndarray, item_features: np.ndarray,
         sparse_t: int64 ``[U, rows]`` user + context ids of the window (key-major).
         item: int64 ``[rows]`` item ids of the window.
         item_features: int64 ``[num_items, F]`` static item features.
-        hist_vals, hist_last, hist_num: the window's history (:class:`reader._History`).
+        hist_vals, hist_last, hist_num: the window's history (:class:`decode.History`).
         num_hist_keys: H.
         lo, n: first window row and real rows of the batch (``1 <= n <= batch_size``).
         batch_size: B.
-        slot_rows: int64 ``[P]`` batch row of each retrieval slot's click.
-        slot_items: int64 ``[P, 1 + K]`` the positive then the negatives of each slot.
+        positive_rows: int64 ``[P]`` batch row of each retrieval positive's click.
+        group_items: int64 ``[P, 1 + K]`` each retrieval group: the positive then its negatives.
 
     Returns:
         ``(values int64, lengths int32 [(U + F + H) * N], hist_counts int64 [H])``.
@@ -76,8 +76,8 @@ def batch_kjt(sparse_t: np.ndarray, item: np.ndarray, item_features: np.ndarray,
     U = sparse_t.shape[0]
     F = item_features.shape[1]
     H = num_hist_keys
-    P = slot_items.shape[0]
-    R1 = slot_items.shape[1]
+    P = group_items.shape[0]
+    R1 = group_items.shape[1]
     B = batch_size
     N = B + P * R1
     S = U + F
@@ -90,10 +90,10 @@ def batch_kjt(sparse_t: np.ndarray, item: np.ndarray, item_features: np.ndarray,
         src[i] = lo
         items[i] = item[lo]
     for p in range(P):
-        r = lo + slot_rows[p]
+        r = lo + positive_rows[p]
         for k in range(R1):
             src[B + p * R1 + k] = r
-            items[B + p * R1 + k] = slot_items[p, k]
+            items[B + p * R1 + k] = group_items[p, k]
     rows_with = np.zeros(H + 1, dtype=np.int64)  # rows_with[m]: rows with m history ids
     for i in range(N):
         rows_with[min(hist_num[src[i]], H)] += 1
@@ -220,30 +220,30 @@ def single_key_stats(offsets: np.ndarray, keys: np.ndarray, stat_cols, state_ind
 
 @njit(nogil=True, cache=True)
 def batch_dense(label: np.ndarray, u2i: np.ndarray, item: np.ndarray, lo: int, n: int, batch_size: int,
-                num_slots: int, clicks: np.ndarray, neg: np.ndarray, neg_u2i: np.ndarray):
-    """The dense tensors and retrieval slots of one batch (rows as in :func:`batch_kjt`).
+                num_positives: int, clicks: np.ndarray, neg: np.ndarray, neg_u2i: np.ndarray):
+    """The dense tensors and retrieval groups of one batch (rows as in :func:`batch_kjt`).
 
     Exposure rows ``i < n`` are rows ``lo + i`` (weight 1), rows ``n .. B-1`` copy row
-    ``lo`` (weight 0). Retrieval slot ``p < len(clicks)`` holds the click at batch row
+    ``lo`` (weight 0). Retrieval group ``p < len(clicks)`` holds the click at batch row
     ``clicks[p]`` (label 1, its stored u2i) then its K negatives ``neg[p]`` (label 0, u2i
-    ``neg_u2i[p * K : (p + 1) * K]``), all with weight 1; the other slots copy slot 0 with
-    weight 0 (with no click at all, every slot row is exposure row 0: the positive's item
+    ``neg_u2i[p * K : (p + 1) * K]``), all with weight 1; the other groups copy group 0 with
+    weight 0 (with no click at all, every group row is exposure row 0: the positive's item
     and u2i repeated).
 
     Args:
         label: float32 ``[rows]``; u2i: float32 ``[rows, d_c]``; item: int64 ``[rows]``.
         lo, n, batch_size: the batch's rows (see :func:`batch_kjt`).
-        num_slots: P.
-        clicks: int64 ``[c]`` batch rows of the slot clicks (``c <= P``).
+        num_positives: P.
+        clicks: int64 ``[c]`` batch rows of the clicks that are retrieval positives (``c <= P``).
         neg: int64 ``[c, K]``; neg_u2i: float32 ``[c * K, d_c]``.
 
     Returns:
-        ``(u2i [B, d_c], labels [B], weights [B], slot_rows [P], slot_items [P, 1 + K],
+        ``(u2i [B, d_c], labels [B], weights [B], positive_rows [P], group_items [P, 1 + K],
         retrieval_u2i [P, 1 + K, d_c], retrieval_labels [P, 1 + K], retrieval_weights [P, 1 + K])``.
     """
     B = batch_size
     d = u2i.shape[1]
-    P = num_slots
+    P = num_positives
     K = neg.shape[1]
     R1 = K + 1
     real = clicks.size
@@ -257,30 +257,30 @@ def batch_dense(label: np.ndarray, u2i: np.ndarray, item: np.ndarray, lo: int, n
             ex_u2i[i, c] = u2i[r, c]
         if i < n:
             weights[i] = 1.0
-    slot_rows = np.zeros(P, dtype=np.int64)
-    slot_items = np.empty((P, R1), dtype=np.int64)
+    positive_rows = np.zeros(P, dtype=np.int64)
+    group_items = np.empty((P, R1), dtype=np.int64)
     r_u2i = np.empty((P, R1, d), dtype=np.float32)
     r_labels = np.zeros((P, R1), dtype=np.float32)
-    slot_w = np.zeros((P, R1), dtype=np.float32)
+    r_weights = np.zeros((P, R1), dtype=np.float32)
     for p in range(P):
         r_labels[p, 0] = 1.0
-        if real == 0:  # no click: every slot row is exposure row 0, weight 0
+        if real == 0:  # no click: every group row is exposure row 0, weight 0
             for k in range(R1):
-                slot_items[p, k] = item[lo]
+                group_items[p, k] = item[lo]
                 for c in range(d):
                     r_u2i[p, k, c] = u2i[lo, c]
             continue
-        q = p if p < real else 0  # padding slots copy slot 0
+        q = p if p < real else 0  # padding groups copy group 0
         row = lo + clicks[q]
-        slot_rows[p] = clicks[q]
-        slot_items[p, 0] = item[row]
+        positive_rows[p] = clicks[q]
+        group_items[p, 0] = item[row]
         for c in range(d):
             r_u2i[p, 0, c] = u2i[row, c]
         for k in range(K):
-            slot_items[p, 1 + k] = neg[q, k]
+            group_items[p, 1 + k] = neg[q, k]
             for c in range(d):
                 r_u2i[p, 1 + k, c] = neg_u2i[q * K + k, c]
         if p < real:
             for k in range(R1):
-                slot_w[p, k] = 1.0
-    return ex_u2i, ex_label, weights, slot_rows, slot_items, r_u2i, r_labels, slot_w
+                r_weights[p, k] = 1.0
+    return ex_u2i, ex_label, weights, positive_rows, group_items, r_u2i, r_labels, r_weights

@@ -40,7 +40,7 @@ on the same float32-rounded statistics they store in ``user_state``, so recomput
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +49,6 @@ import torch
 from dig_torchrec.data import kernels
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.errors import DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dig_torchrec.data.items import ItemTable
 
 STATE_KEY = "key"
 TRANSFORMS = ("log1p", "rate")
@@ -117,6 +114,41 @@ class U2ISpec:
                 f"meta.json of '{meta.name}': u2i_dim={meta.u2i_dim} but len(u2i_fields) * len(u2i_stats) = {spec.dim}"
             )
         return spec
+
+
+ItemU2IKeys = List[Tuple[torch.Tensor, torch.Tensor]]  # per u2i field: (offsets [num_items+1], global keys [nnz])
+
+
+def item_u2i_keys(table: pa.Table, spec: U2ISpec, path: object) -> ItemU2IKeys:
+    """Each item's global u2i keys, per field, from the item table's u2i field columns.
+
+    A field column is an int64 item feature (one key per item) or a multi-valued
+    ``list<int64>`` column; field ``f``'s keys are shifted by ``spec.key_offsets[f]``.
+
+    Args:
+        table: ``items.parquet`` rows in item id order.
+        spec: the dataset's u2i layout.
+        path: the table's file (named in errors).
+    """
+    n = table.num_rows
+    out: ItemU2IKeys = []
+    for f, (field, off) in enumerate(zip(spec.fields, spec.key_offsets)):
+        if field not in table.column_names:
+            raise DataError(f"{path}: missing column '{field}' (u2i field)")
+        col = table.column(field).combine_chunks()
+        card = spec.field_cardinality[f]
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lens = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            vals = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            lens = np.ones(n, dtype=np.int64)
+            vals = col.to_numpy(zero_copy_only=False).astype(np.int64)
+        if vals.size and (vals.min() < 0 or vals.max() >= card):
+            raise DataError(f"{path}: column '{field}' has values outside [0, {card})")
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        out.append((torch.from_numpy(offsets), torch.from_numpy(vals + off)))
+    return out
 
 
 def default_transforms(num_stats: int) -> List[str]:
@@ -186,7 +218,7 @@ class UserStates:
         lengths = array.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = array.flatten()  # honours the slice offset and skips null slots
+        flat = array.flatten()  # honours the slice offset and skips null entries
         if len(flat) != offsets[-1]:
             raise DataError(f"user_state column: {len(flat)} entries but list lengths sum to {offsets[-1]}")
         keys = flat.field(STATE_KEY).to_numpy(zero_copy_only=False).astype(np.int64)  # writable copy for torch
@@ -412,15 +444,14 @@ class U2IFunction:
 
     Args:
         meta: the dataset metadata (u2i fields, stats, transforms).
-        items: the item table (per-item u2i keys of every field).
+        item_keys: each item's u2i keys per field (:func:`item_u2i_keys`, ``ItemTable.u2i_keys``).
     """
 
-    def __init__(self, meta: DatasetMeta, items: "ItemTable") -> None:
+    def __init__(self, meta: DatasetMeta, item_keys: ItemU2IKeys) -> None:
         self.spec = U2ISpec.from_meta(meta)
-        self.items = items
         self.stride = max(self.spec.num_keys, 1)
-        # per field: CSR of the item's global u2i keys
-        self._item_keys = items.u2i_keys
+        self._item_keys = item_keys
+        self.num_items = int(item_keys[0][0].numel() - 1) if item_keys else 0
         # every field single-valued for every item (the common case): the key of each (field,
         # item) as one [F, num_items] table, so a call gathers all its queries at once
         self._single_keys: Optional[np.ndarray] = None

@@ -224,7 +224,7 @@ class UserBatchScorers:
         self.u2t_mode = u2t_mode
         self._u2i = getattr(bundle, "_u2i_fn", None)
         if self._u2i is None:
-            self._u2i = U2IFunction(bundle.meta, bundle.items)
+            self._u2i = U2IFunction(bundle.meta, bundle.items.u2i_keys)
             bundle._u2i_fn = self._u2i  # type: ignore[attr-defined]
 
     def recall(self, user_index: torch.Tensor, sid_prefix: torch.Tensor) -> torch.Tensor:
