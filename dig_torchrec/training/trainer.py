@@ -159,6 +159,7 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.last_checkpoint_step = -1
         self.last_validation_step = -1
+        self._step_rejected = False  # the last training forward's loss failed train.nan_policy=skip
         self._setup()
 
     # ================================================================== setup
@@ -299,28 +300,21 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, reader.epoch)
 
     # ================================================================== step
-    def _float_buffers(self) -> Dict[str, torch.Tensor]:
-        """Buffers the forward pass updates (BN stats and counters, codebook EMA, item SID table, u2t stats)."""
-        return {k: b for k, b in self.dig.named_buffers() if b.numel() < 50_000_000}
-
     def _guarded_forward(self, batch: Optional[DIGBatch]) -> Tuple[torch.Tensor, DIGOutput]:
         """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward.
 
-        ``skip``: the forward's buffer updates are rolled back and backward runs on a zero
-        loss over the dense parameters only, so neither the fused (in-backward) sparse
-        optimizer nor Adam moves, and DDP still sees every parameter's gradient.
+        ``skip``: backward runs on a zero loss over the dense parameters only, so neither the
+        fused (in-backward) sparse optimizer nor Adam moves, and DDP still sees every
+        parameter's gradient; :meth:`_run_segment` then drops the step's buffer updates
+        (``DIGModel.on_step_skipped``) instead of applying them.
         """
         training = self.model.training
-        skip_policy = training and self.cfg.train.nan_policy == "skip"
-        snapshot = {k: b.clone() for k, b in self._float_buffers().items()} if skip_policy else {}
         loss, output = self.model(batch)
         if not training:
             return loss, output
         # all ranks agree; raises NumericalError under nan_policy=error (training/guards.py)
-        if check_loss_terms(self.step + 1, output.losses, self.cfg.train.nan_policy):
-            with torch.no_grad():
-                for name, buf in self._float_buffers().items():
-                    buf.copy_(snapshot[name])
+        self._step_rejected = check_loss_terms(self.step + 1, output.losses, self.cfg.train.nan_policy)
+        if self._step_rejected:
             self.dense_optimizer.skip_next = True
             dense = [p for p in self.dense_optimizer.params.values() if p.requires_grad]
             loss = torch.stack([p.sum() for p in dense]).sum() * 0.0  # no path to the embedding tables
@@ -573,6 +567,11 @@ class Trainer:
             except StopIteration:
                 return
             self.step += 1
+            # the step's buffer updates (tokenizer EMA, SID table, u2t statistics, BN statistics)
+            if self._step_rejected:
+                self.dig.on_step_skipped(output)
+            else:
+                self.dig.on_step_accepted(output)
             faults.fault_point("step", self.step, self.env.rank)  # test-only fault injection
             self.metrics.update(output)
             yield None
