@@ -508,7 +508,10 @@ class Trainer:
             return
         if self.best is not None and float(value) <= float(self.best["value"]):
             return
-        if self.last_checkpoint_step != self.step:
+        # a checkpoint at this step in this run (after a resume from another run's final
+        # checkpoint, the last one lives in that run's directory: ``best`` must not point there)
+        here = self.last_checkpoint is not None and self.last_checkpoint.parent == self.checkpoints.dir
+        if self.last_checkpoint_step != self.step or not here:
             self.save_checkpoint()
         assert self.last_checkpoint is not None
         self.checkpoints.mark_best(self.last_checkpoint, metric, float(value), self.step)
