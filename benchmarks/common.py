@@ -5,7 +5,6 @@
   preset's cardinalities (20M users, 500K items), so a benchmark can build full-size
   tables without a 7.5M-row dataset on disk.
 * :class:`SyntheticBatches` -- :class:`DIGBatch` es of random ids in range, made in memory.
-* :class:`RankOnlyDIG` -- the DIG model without the recall path (rank path, Eq. 6/9, only).
 * :class:`PlainEmbeddingBagCollection` / :func:`make_plain` -- the plain-PyTorch reference:
   the same dense modules, with one ``torch.nn.EmbeddingBag`` per table instead of TorchRec.
 * :func:`model_flops_per_sample`, :func:`matmul_peak_flops` -- for MFU.
@@ -31,8 +30,7 @@ from torch import nn
 from dig_torchrec.config import DIGConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
-from dig_torchrec.losses import weighted_bce
-from dig_torchrec.model import DIGModel, DIGOutput
+from dig_torchrec.model import DIGModel
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -209,45 +207,6 @@ class SyntheticBatches:
         return b
 
 
-# ---------------------------------------------------------------------- rank-only model
-class RankOnlyDIG(DIGModel):
-    """DIG without the recall path: embeddings -> VQ encoder e_v (Eq. 1) -> Mixer (Eq. 6) -> L_rank (Eq. 9).
-
-    Same tables and rank-path modules as :class:`DIGModel`; the recall-only modules (SID
-    embeddings, u2t MLP/statistics, BN_sid, BN_u2t) are removed, and no quantizer, u2t or
-    recall Mixer call runs. The batch's retrieval rows are ignored (feed it R = 0 batches).
-    Like ``DIGModel.forward``, the ``embedding_bags`` call comes first and the rest is an
-    ``fx``-opaque function, so ``TrainPipelineSparseDist`` pipelines its input dist.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for name in ("sid_embedding_bags", "u2t_mlp", "u2t_stats", "bn_sid", "bn_u2t"):
-            delattr(self, name)
-
-    def forward(self, batch: DIGBatch) -> Tuple[torch.Tensor, DIGOutput]:  # type: ignore[override]
-        pooled = self.embedding_bags(batch.sparse_features)
-        return _rank_only_from_pooled(self, batch, pooled)
-
-
-@torch.fx.wrap
-def _rank_only_from_pooled(model: RankOnlyDIG, batch: DIGBatch, pooled: Any) -> Tuple[torch.Tensor, DIGOutput]:
-    B = batch.batch_size
-    feats = pooled.to_dict()
-    e_u = torch.cat([feats[k] for k in model.user_keys], -1)[:B]
-    item_fields = torch.stack([feats[k] for k in model.encoder_keys], 1)[:B]
-    hist = torch.stack([feats[k] for k in model.history_keys], 1)[:B]
-    hist_mask = model._history_mask(batch.sparse_features)[:B]
-    e_v = model.tokenizer.encode(item_fields)  # Eq. 1
-    logits = model.mixer(model.bn_u(e_u), model.bn_v(e_v.flatten(1)), model.bn_u2i(batch.u2i), hist, hist_mask)  # Eq. 6
-    loss = weighted_bce(logits, batch.labels, batch.weights)  # Eq. 9
-    empty = logits.new_zeros(model.num_layers, 0)
-    out = DIGOutput(losses={"total": loss.detach(), "rank": loss.detach()}, rank_logits=logits.detach(),
-                    labels=batch.labels, weights=batch.weights, recall_logits=empty,
-                    recall_labels=batch.retrieval_labels, recall_weights=batch.retrieval_weights)
-    return loss, out
-
-
 # ---------------------------------------------------------------------- plain-PyTorch reference
 class PooledFeatures:
     """What :class:`PlainEmbeddingBagCollection` returns: ``to_dict()`` like a KeyedTensor."""
@@ -325,7 +284,7 @@ def make_plain(model: DIGModel, copy_weights: bool = False, sparse: bool = True)
     """
     device = next(model.embedding_bags.parameters()).device
     model.embedding_bags = PlainEmbeddingBagCollection.like(model.embedding_bags, sparse, device, copy_weights)
-    if hasattr(model, "sid_embedding_bags"):  # absent in RankOnlyDIG
+    if not model.rank_only:  # a rank-only model has no SID tables
         model.sid_embedding_bags = PlainEmbeddingBagCollection.like(model.sid_embedding_bags, sparse, device,
                                                                     copy_weights)
     return model

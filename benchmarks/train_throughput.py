@@ -17,8 +17,8 @@ Variants, each run on 1 and on 2 local ranks (gloo, CPU), in fresh processes:
   rows (clicks at ``--click-rate``, default 0.1077 = the industrial_large preset's train click
   rate) + P = ceil(2 x rate x B) retrieval slots of 1 + 4 negatives rows, as the reader makes
   them; the batch's clicks fill the slots and the model skips the weight-0 rest.
-* ``rank_only``: the same network without the recall path (``benchmarks/common.py:
-  RankOnlyDIG``: no quantizer, SID embeddings, u2t or recall Mixer calls), same wiring,
+* ``rank_only``: the same network without the recall path (``DIGModel(..., rank_only=True)``:
+  no quantizer, SID embeddings, u2t or recall Mixer calls), same wiring,
   batches of B exposure rows only.
 * ``plain``: the plain-PyTorch reference: DIG's dense modules unchanged, every table a
   ``torch.nn.EmbeddingBag(sparse=True)`` (one lookup per table per step), dense Adam plus
@@ -63,7 +63,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
-    RankOnlyDIG,
     SyntheticBatches,
     auto_positive_slots,
     current_rss_bytes,
@@ -155,7 +154,7 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         from dig_torchrec.distributed.planner import default_sharders, plan_sharding, plan_sharding_types
         from dig_torchrec.training.optim import attach_sparse_optimizer, build_optimizer
 
-        model = (DIGModel if variant == "dig" else RankOnlyDIG)(cfg, meta, device="meta")
+        model = DIGModel(cfg, meta, device="meta", rank_only=variant == "rank_only")
         attach_sparse_optimizer(model, cfg.train, env.device.type)
         plan = plan_sharding(model, cfg.sharding, env.device, world, world, B, pg=env.process_group)
         dmp = DistributedModelParallel(
@@ -193,11 +192,12 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
         it = data_iter()
 
         def step() -> None:
-            pipeline.progress(it)
+            output = pipeline.progress(it)
+            dig.on_step_accepted(output)  # the step's EMA / u2t / BN updates, as Trainer._run_segment
     else:  # plain PyTorch
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = make_plain((RankOnlyDIG if variant == "plain_rank_only" else DIGModel)(cfg, meta, device="meta"))
+        model = make_plain(DIGModel(cfg, meta, device="meta", rank_only=variant == "plain_rank_only"))
         materialize(model, device=str(env.device))
         init_tokenizer_randomly(model, seed=0)
         model.train()
@@ -224,12 +224,13 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
                 opt_sparse.zero_grad(set_to_none=True)
                 opt_dense.zero_grad(set_to_none=True)
             with record_function("## forward ##"):
-                loss, _ = net(batch)
+                loss, output = net(batch)
             with record_function("## backward ##"):
                 loss.backward()
             with record_function("## optimizer ##"):
                 opt_sparse.step()
                 opt_dense.step()
+                model.on_step_accepted(output)
 
         step()  # materialise Adam state for the byte count
         dense_opt_bytes = _tensor_bytes(opt_dense.state_dict()["state"])
@@ -284,14 +285,14 @@ def count_model_flops(variant: str, batch_size: int, click_rate: float) -> float
 
     cfg = dig_config_for_bench(batch_size)
     small = industrial_meta(1000, 1000)
-    net_cls = RankOnlyDIG if variant in ("rank_only", "plain_rank_only") else DIGModel
+    rank_only = variant in ("rank_only", "plain_rank_only")
     torch.manual_seed(0)
-    m = net_cls(cfg, small, device="cpu")
-    if net_cls is DIGModel:
+    m = DIGModel(cfg, small, device="cpu", rank_only=rank_only)
+    if not rank_only:
         init_tokenizer_randomly(m, seed=0)
     m.train()
     b = batch_size
-    slots = auto_positive_slots(click_rate, b) if net_cls is DIGModel else 0
+    slots = auto_positive_slots(click_rate, b) if not rank_only else 0
     batch = next(SyntheticBatches(FeatureSchema.from_meta(small, cfg.data.history_length), b, slots, small.u2i_dim,
                                   pool=1, negatives=cfg.data.negatives_per_positive, click_rate=click_rate))
     return model_flops_per_sample(m, batch)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from dig_torchrec.errors import DIGError
+from dig_torchrec.errors import DIGError, interrupted  # noqa: F401 - interrupted: re-exported for callers of the CLI layer
 
 # subcommand -> module that defines register(subparsers)
 _COMMANDS = {
@@ -77,34 +77,6 @@ def setup_logging(verbose: bool) -> None:
             handler.addFilter(LibraryChatterFilter(verbose))
     if not verbose:  # torch's "is_fx_tracing will return true for both ..." notice on every traced call
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-
-
-def interrupted(exc: BaseException) -> bool:
-    """True when ``exc`` is, wraps or was caused by a KeyboardInterrupt (Ctrl-C / SIGINT).
-
-    ``torch.distributed.checkpoint`` catches every ``BaseException`` of a save or load and
-    re-raises it wrapped in a ``CheckpointException``, so a Ctrl-C during a checkpoint save
-    arrives as an ordinary exception.
-    """
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        stack += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
-        if isinstance(failures, dict):
-            for wrapped in failures.values():
-                inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
-                if isinstance(inner, BaseException):
-                    stack.append(inner)
-                elif "KeyboardInterrupt" in str(wrapped):
-                    return True
-    return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

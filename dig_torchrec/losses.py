@@ -30,10 +30,15 @@ and teachers) into the five terms of Eq. 8:
 * ``L_u2t`` (Eq. 15): MSE of MLP_u2t's estimate against the (stop-gradient) Eq. 13 teacher.
 
 Before tokenizer init the recall-side terms are computed but weighted 0 (``gate``).
+
+The model computes logits and hands :class:`LossInputs` to :class:`DIGLoss`, which returns
+the terms as :class:`LossTerms` (torchrec's DLRM / DLRMTrain split). A rank-only model
+(``DIGModel(..., rank_only=True)``) fills only the rank fields: its objective is Eq. 9.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -43,8 +48,84 @@ from torch import nn
 from dig_torchrec.config import LossConfig
 from dig_torchrec.errors import ConfigError
 from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
+from dig_torchrec.modules.quantizer import QuantizerOutput
 
 LOSS_KEYS = ("total", "rank", "recall", "commit", "sem", "u2t")
+
+
+@dataclass
+class LossInputs:
+    """What the model computed for one batch that Eq. 8 needs (graph-attached tensors).
+
+    Attributes:
+        rank_logits: ``[B]`` rank path (Eq. 6) on the exposure rows.
+        labels, weights: ``[B]`` exposure labels and weights (0 = padding).
+        quantized: the tokenizer's quantizer output on every row (Eq. 11/12 residuals);
+            None for a rank-only model (then every field below is None too).
+        real_rows: ``[B+R]`` True for rows with weight > 0 (Eq. 11/12 average over them).
+        recall_logits: ``[L, N]`` recall path (Eq. 7) per layer on the recall rows.
+        recall_labels, recall_weights: ``[N]``.
+        recall_sids: ``[N, L]`` SID of each recall row's item.
+        num_grouped: leading recall rows that are click groups (positive + negatives); the
+            rest are exposure rows (``loss.recall_samples``).
+        prefix_index: the catalog prefix index (prefix-level logQ); None when not needed or
+            before tokenizer init.
+        prefix_negative_logits: ``[L, S, 1 + loss.prefix_negatives]`` logits of each click's
+            prefix and its sibling prefixes, positive first; None when the term is off.
+        prefix_negative_weights: ``[L, S]`` (0 = padding click or no sibling at that layer).
+        u2t_hat: ``[L, N, d_c]`` MLP_u2t's estimate (Eq. 14).
+        u2t_teacher: ``[L, N, d_c]`` the Eq. 13 teacher (no gradient).
+        gate: 1 once the tokenizer is initialised, 0 during the rank-path warm-up.
+    """
+
+    rank_logits: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    quantized: Optional[QuantizerOutput] = None
+    real_rows: Optional[torch.Tensor] = None
+    recall_logits: Optional[torch.Tensor] = None
+    recall_labels: Optional[torch.Tensor] = None
+    recall_weights: Optional[torch.Tensor] = None
+    recall_sids: Optional[torch.Tensor] = None
+    num_grouped: int = 0
+    prefix_index: Optional[CatalogPrefixIndex] = None
+    prefix_negative_logits: Optional[torch.Tensor] = None
+    prefix_negative_weights: Optional[torch.Tensor] = None
+    u2t_hat: Optional[torch.Tensor] = None
+    u2t_teacher: Optional[torch.Tensor] = None
+    gate: float = 1.0
+
+    @property
+    def rank_only(self) -> bool:
+        return self.quantized is None
+
+
+@dataclass
+class LossTerms:
+    """The terms of Eq. 8 (graph-attached; unweighted except ``total``).
+
+    Attributes:
+        total: Eq. 8.
+        rank: Eq. 9.
+        recall: Eq. 10 (the layer mean of ``recall_per_layer``); None for a rank-only model,
+            as are the terms below.
+        commit: Eq. 11.
+        sem: Eq. 12.
+        u2t: Eq. 15.
+        recall_per_layer: ``[L]`` the recall objective per layer.
+    """
+
+    total: torch.Tensor
+    rank: torch.Tensor
+    recall: Optional[torch.Tensor] = None
+    commit: Optional[torch.Tensor] = None
+    sem: Optional[torch.Tensor] = None
+    u2t: Optional[torch.Tensor] = None
+    recall_per_layer: Optional[torch.Tensor] = None
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        """The terms present, in :data:`LOSS_KEYS` order."""
+        return {k: getattr(self, k) for k in LOSS_KEYS if getattr(self, k) is not None}
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -131,6 +212,41 @@ class DIGLoss(nn.Module):
         """Whether :meth:`recall_per_layer` needs a :class:`CatalogPrefixIndex` (logQ at prefix level)."""
         c = self.cfg
         return c.recall_objective == "softmax" and c.logq_correction and self.has_sampling_prob
+
+    # ------------------------------------------------------------------ Eq. 8
+    def forward(self, inputs: LossInputs) -> LossTerms:
+        """Every term of Eq. 8 from what the model computed."""
+        rank = self.rank(inputs.rank_logits, inputs.labels, inputs.weights)  # Eq. 9
+        if inputs.rank_only:
+            return LossTerms(total=rank, rank=rank)
+        q, real = inputs.quantized, inputs.real_rows
+        assert q is not None and real is not None and inputs.recall_logits is not None
+        commit = q.commitment_loss(real)  # Eq. 11
+        sem = q.semantic_loss(real)  # Eq. 12
+        per_layer = self.recall_loss_per_layer(inputs)
+        recall = self.reduce_layers(per_layer)  # Eq. 10
+        u2t = u2t_distillation(inputs.u2t_hat, inputs.u2t_teacher, inputs.recall_weights)  # Eq. 15
+        terms = {"rank": rank, "recall": recall, "commit": commit, "sem": sem, "u2t": u2t}
+        total = self.combine(terms, inputs.gate)  # Eq. 8
+        return LossTerms(total=total, recall_per_layer=per_layer, **terms)
+
+    def recall_loss_per_layer(self, inputs: LossInputs) -> torch.Tensor:
+        """``[L]`` L_recall per layer: the click groups' objective, plus the exposure rows' BCE
+        (``loss.recall_samples=retrieval+exposure``), plus the prefix-negative softmax."""
+        logits, labels, weights, sids = inputs.recall_logits, inputs.recall_labels, inputs.recall_weights, inputs.recall_sids
+        n = logits.shape[1]
+        grouped = inputs.num_grouped > 0
+        g_rows = slice(0, inputs.num_grouped) if grouped else slice(0, n)
+        per_layer = self.recall_per_layer(logits[:, g_rows], labels[g_rows], weights[g_rows], sids[g_rows], grouped,
+                                          inputs.prefix_index)
+        if grouped and inputs.num_grouped < n:  # retrieval+exposure: Eq. 10's BCE on the exposure rows as well
+            e_rows = slice(inputs.num_grouped, n)
+            per_layer = per_layer + self.cfg.exposure_recall_weight * self.recall_per_layer(
+                logits[:, e_rows], labels[e_rows], weights[e_rows], sids[e_rows], False)
+        if inputs.prefix_negative_logits is not None:
+            sib = sampled_softmax(inputs.prefix_negative_logits, inputs.prefix_negative_weights)
+            per_layer = per_layer + self.cfg.prefix_negatives_weight * sib
+        return per_layer
 
     # ------------------------------------------------------------------ terms
     def rank(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,17 @@ One forward pass on a :class:`DIGBatch` computes
 * the rank path (Eq. 6) on the B exposure rows;
 * the recall path (Eq. 7) for every layer l = 1..L in ONE batched Mixer call, on the
   retrieval rows (``loss.recall_samples=retrieval``) or the exposure rows (``=exposure``);
-* the five-part loss of Eq. 8:
-  ``L = L_rank + w_recall L_recall + l1 L_commit + l2 L_sem + l3 L_u2t``.
+* and hands what the five-part loss of Eq. 8 needs to :class:`~dig_torchrec.losses.DIGLoss`
+  (``L = L_rank + w_recall L_recall + l1 L_commit + l2 L_sem + l3 L_u2t``) as
+  :class:`~dig_torchrec.losses.LossInputs`, as torchrec's DLRM / DLRMTrain split model and loss.
+
+A training forward updates no buffer. The tokenizer's EMA codebook step, dead-code
+restarts and SID-table refresh, the u2t statistics and the BatchNorm running statistics
+of the step are applied by :meth:`DIGModel.on_step_accepted`, which the trainer calls once
+the step's loss passed ``train.nan_policy`` (:meth:`DIGModel.on_step_skipped` drops them).
+
+``DIGModel(..., rank_only=True)`` is the rank path alone (Eq. 1, 6, 9): no SID embeddings,
+u2t, recall path or quantizer call (the training-throughput benchmark's baseline).
 
 Embeddings. ``embedding_bags`` is the single EmbeddingBagCollection over every batch
 feature (tables named by column; ``hist_*`` read ``item_id``), called once per step on
@@ -35,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -45,9 +53,11 @@ from dig_torchrec.config import DIGConfig
 from dig_torchrec.data.batch import DIGBatch, make_kjt
 from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchema
 from dig_torchrec.errors import ConfigError, DataError
-from dig_torchrec.losses import LOSS_KEYS, DIGLoss, sampled_softmax, u2t_distillation
+from dig_torchrec.losses import LOSS_KEYS, DIGLoss, LossInputs, LossTerms
+from dig_torchrec.modules.batchnorm import StepBatchNorm1d
 from dig_torchrec.modules.mixer import Mixer
 from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex, encode_prefix
+from dig_torchrec.modules.quantizer import QuantizerOutput
 from dig_torchrec.modules.tokenizer import DIGTokenizer
 from dig_torchrec.modules.u2t import U2TMLP, U2TStatTable, u2t_teacher
 
@@ -56,7 +66,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIGModel", "DIGOutput", "UserContext", "LOSS_KEYS", "sid_prefix_key"]
+__all__ = ["DIGModel", "DIGOutput", "DIGForward", "StepParts", "StepUpdate", "UserContext", "LOSS_KEYS",
+           "sid_prefix_key"]
 
 SID_TABLE = "sid"
 SID_PREFIX_TABLE = "sid_prefix"  # tokenizer.sid_embedding=sum+prefix: hashed (c_1..c_l) embeddings
@@ -123,6 +134,48 @@ class UserContext:
 
 
 @dataclass
+class StepUpdate:
+    """A training forward's buffer updates, applied by :meth:`DIGModel.on_step_accepted`.
+
+    Attributes:
+        quantized: the quantizer output of every row (None for a rank-only model).
+        item_ids: ``[B+R]`` item of each row (the SID table rows to refresh).
+        real_rows: ``[B+R]`` rows with weight > 0 (the EMA statistics count them only).
+        recall_sids, recall_u2i, recall_weights: the recall rows (u2t statistics, Eq. 13/16).
+    """
+
+    quantized: Optional[QuantizerOutput] = None
+    item_ids: Optional[torch.Tensor] = None
+    real_rows: Optional[torch.Tensor] = None
+    recall_sids: Optional[torch.Tensor] = None
+    recall_u2i: Optional[torch.Tensor] = None
+    recall_weights: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DIGForward:
+    """What :meth:`DIGModel.compute` returns: the loss inputs, intermediates and pending updates.
+
+    Attributes:
+        loss_inputs: rank and recall logits and everything else Eq. 8 needs.
+        e_v: ``[B+R, F_enc, d]`` Eq. 1 (``[B, ...]`` for a rank-only model).
+        sids: ``[B+R, L]`` SID of every row's item.
+        e_sid: ``[L, N, F_enc*d]`` Eq. 5 on the recall rows.
+        u2t_hat: ``[L, N, d_c]`` MLP_u2t's estimate (Eq. 14).
+        u2t_in: ``[L, N, d_c]`` the u2t input of the recall path.
+        update: the buffer updates of a training forward (None outside training).
+    """
+
+    loss_inputs: LossInputs
+    e_v: torch.Tensor
+    sids: Optional[torch.Tensor] = None
+    e_sid: Optional[torch.Tensor] = None
+    u2t_hat: Optional[torch.Tensor] = None
+    u2t_in: Optional[torch.Tensor] = None
+    update: Optional[StepUpdate] = None
+
+
+@dataclass
 class DIGOutput:
     """Detached outputs of one forward pass (what the trainer logs and evaluates).
 
@@ -135,7 +188,10 @@ class DIGOutput:
         recall_labels: ``[N]``.
         recall_weights: ``[N]``.
         tokenizer_metrics: per-layer ``utilization_l{l}``, ``perplexity_l{l}``,
-            ``dead_restarts_l{l}``, and ``collision_rate``, ``init_collision_rate``.
+            ``dead_restarts_l{l}``, and ``collision_rate``, ``init_collision_rate``
+            (of a training step: filled by :meth:`DIGModel.on_step_accepted`).
+        update: a training forward's pending buffer updates (see :class:`StepUpdate`);
+            None outside training and once a step hook consumed it.
     """
 
     losses: Dict[str, torch.Tensor]
@@ -146,11 +202,16 @@ class DIGOutput:
     recall_labels: torch.Tensor
     recall_weights: torch.Tensor
     tokenizer_metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    update: Optional[StepUpdate] = None
 
 
-def _eval_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """``bn`` with its running statistics (as at inference), neither updating them nor using batch stats."""
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+@dataclass
+class StepParts:
+    """:meth:`DIGModel.forward_parts`: the model's computation, the loss terms and the output."""
+
+    computed: DIGForward
+    terms: LossTerms
+    output: DIGOutput
 
 
 @torch.fx.wrap
@@ -159,7 +220,7 @@ def _forward_from_pooled(
 ) -> Tuple[torch.Tensor, DIGOutput]:
     """Everything after the ``embedding_bags`` call; a leaf for ``torch.fx`` tracing."""
     parts = model.forward_parts(batch, pooled)
-    return parts["total"], parts["output"]
+    return parts.terms.total, parts.output
 
 
 class DIGModel(nn.Module):
@@ -169,11 +230,16 @@ class DIGModel(nn.Module):
         cfg: the full config (model, tokenizer, u2t, loss and data.history_length are used).
         meta: dataset metadata (cardinalities, d_c, catalog size).
         device: parameter device; ``"meta"`` builds an unmaterialised model for DMP.
+        rank_only: the rank path alone (Eq. 1, 6, 9): the SID embeddings, u2t MLP and
+            statistics, BN_sid and BN_u2t are not built and the retrieval rows are ignored.
     """
 
-    def __init__(self, cfg: DIGConfig, meta: DatasetMeta, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: DIGConfig, meta: DatasetMeta, device: torch.device | str = "cpu", *, rank_only: bool = False
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.rank_only = rank_only
         self.meta = meta
         self.schema = FeatureSchema.from_meta(meta, cfg.data.history_length)
         device = torch.device(device)
@@ -225,23 +291,27 @@ class DIGModel(nn.Module):
                 feature_names=[sid_prefix_hash_key(l) for l in range(1, tok.num_layers + 1)],
                 pooling=PoolingType.SUM, **init,
             ))
-        self.sid_embedding_bags = EmbeddingBagCollection(tables=sid_tables, device=device)
+        if not rank_only:
+            self.sid_embedding_bags = EmbeddingBagCollection(tables=sid_tables, device=device)
         self._all_keys: List[str] = self.schema.keys
 
         # --- tokenizer (Eq. 1-4) ---
         self.tokenizer = DIGTokenizer(tok, num_fields, d, meta.num_items, device=device)
 
-        # --- BNs: BN_u shared, the rest path-specific (Eq. 6/7) ---
-        self.bn_u = nn.BatchNorm1d(user_dim, device=device)
-        self.bn_v = nn.BatchNorm1d(target_dim, device=device)
-        self.bn_u2i = nn.BatchNorm1d(meta.u2i_dim, device=device)
-        self.bn_sid = nn.BatchNorm1d(target_dim, device=device)
-        self.bn_u2t = nn.BatchNorm1d(meta.u2i_dim, device=device)
+        # --- BNs: BN_u shared, the rest path-specific (Eq. 6/7); statistics move in on_step_accepted ---
+        self.bn_u = StepBatchNorm1d(user_dim, device=device)
+        self.bn_v = StepBatchNorm1d(target_dim, device=device)
+        self.bn_u2i = StepBatchNorm1d(meta.u2i_dim, device=device)
+        if not rank_only:
+            self.bn_sid = StepBatchNorm1d(target_dim, device=device)
+            self.bn_u2t = StepBatchNorm1d(meta.u2i_dim, device=device)
 
         # --- shared Mixer and u2t ---
         self.mixer = Mixer(user_dim, target_dim, meta.u2i_dim, d, cfg.model, device=device)
-        self.u2t_mlp = U2TMLP(tok.num_layers, user_dim + target_dim, cfg.u2t.hidden_dim, meta.u2i_dim, device=device)
-        self.u2t_stats = U2TStatTable(tok.num_layers, tok.num_codes, meta.u2i_dim, device=device)
+        if not rank_only:
+            self.u2t_mlp = U2TMLP(tok.num_layers, user_dim + target_dim, cfg.u2t.hidden_dim, meta.u2i_dim,
+                                  device=device)
+            self.u2t_stats = U2TStatTable(tok.num_layers, tok.num_codes, meta.u2i_dim, device=device)
 
         # --- Eq. 8 and the recall-objective options (dig_torchrec/losses.py) ---
         self.criterion = DIGLoss(cfg.loss, meta.num_items, 1 + cfg.data.negatives_per_positive, device=device)
@@ -328,9 +398,14 @@ class DIGModel(nn.Module):
     def forward(self, batch: DIGBatch) -> Tuple[torch.Tensor, DIGOutput]:
         """One step: ``(total loss, DIGOutput)`` as ``TrainPipelineSparseDist`` expects.
 
-        The ``embedding_bags`` call on ``batch.sparse_features`` is the first statement and
-        the rest runs in an ``fx``-opaque function, so torchrec's pipeline tracer sees exactly
-        one sharded-module call fed straight from the batch and pipelines its input dist.
+        :meth:`compute` then :attr:`criterion` (Eq. 8). The ``embedding_bags`` call on
+        ``batch.sparse_features`` is the first statement and the rest runs in an
+        ``fx``-opaque function, so torchrec's pipeline tracer sees exactly one
+        sharded-module call fed straight from the batch and pipelines its input dist.
+
+        A training forward changes no buffer: the step's tokenizer EMA, SID-table, u2t
+        statistics and BatchNorm updates wait in ``DIGOutput.update`` until the trainer
+        calls :meth:`on_step_accepted` (or :meth:`on_step_skipped`).
 
         Args:
             batch: B exposure rows then R retrieval rows in ``sparse_features``.
@@ -338,20 +413,47 @@ class DIGModel(nn.Module):
         pooled = self.embedding_bags(batch.sparse_features)  # the one EBC call per step
         return _forward_from_pooled(self, batch, pooled)
 
-    def forward_parts(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> Dict[str, object]:
-        """:meth:`forward` with the intermediates exposed (for tests and diagnostics).
+    def forward_parts(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> StepParts:
+        """:meth:`forward` with the intermediates exposed (tests and diagnostics)."""
+        computed = self.compute(batch, pooled)
+        terms = self.criterion(computed.loss_inputs)
+        return StepParts(computed, terms, self._output(batch, computed, terms))
+
+    def _output(self, batch: DIGBatch, computed: "DIGForward", terms: LossTerms) -> DIGOutput:
+        li = computed.loss_inputs
+        tokenizer_metrics: Dict[str, torch.Tensor] = {}
+        if computed.update is None and not self.rank_only:  # outside training: this batch's SID usage
+            tokenizer_metrics = self.tokenizer.metrics(computed.sids[li.real_rows])
+        empty = li.rank_logits.new_zeros(self.num_layers, 0)
+        return DIGOutput(
+            losses={k: v.detach() for k, v in terms.as_dict().items()},
+            rank_logits=li.rank_logits.detach(),
+            labels=batch.labels,
+            weights=batch.weights,
+            recall_logits=li.recall_logits.detach() if li.recall_logits is not None else empty,
+            recall_labels=li.recall_labels if li.recall_labels is not None else batch.retrieval_labels,
+            recall_weights=li.recall_weights if li.recall_weights is not None else batch.retrieval_weights,
+            tokenizer_metrics=tokenizer_metrics,
+            update=computed.update,
+        )
+
+    def _step_batch_norms(self) -> List[StepBatchNorm1d]:
+        return [m for m in self.modules() if isinstance(m, StepBatchNorm1d)]
+
+    def compute(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> DIGForward:
+        """The rank and recall paths of one batch and everything Eq. 8 needs; no loss, no buffer update.
 
         Args:
             batch: the batch.
             pooled: the ``embedding_bags`` output for ``batch.sparse_features`` (computed if None).
-
-        Returns a dict with the loss terms (graph-attached), ``total``, ``e_v`` ``[B+R, F, d]``,
-        ``e_sid`` ``[L, N, F*d]``, ``u2t_hat``, ``teacher`` ``[L, N, d_c]``, ``sids`` and ``output``.
         """
         cfg = self.cfg
         kjt = batch.sparse_features
         B, R = batch.batch_size, batch.retrieval_size
         training = self.training
+        if training:  # a new step: BatchNorm statistics of an unaccepted earlier forward are dropped
+            for bn in self._step_batch_norms():
+                bn.discard()
         pooled_dict = (pooled if pooled is not None else self.embedding_bags(kjt)).to_dict()
         e_u = torch.cat([pooled_dict[k] for k in self.user_keys], -1)  # [B+R, F_u*d]
         item_fields = torch.stack([pooled_dict[k] for k in self.encoder_keys], 1)  # [B+R, F_enc, d]
@@ -360,6 +462,12 @@ class DIGModel(nn.Module):
         else:
             hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
         hist_mask = self._history_mask(kjt)
+        if self.rank_only:  # Eq. 1 and Eq. 6 on the exposure rows; the retrieval rows are ignored
+            e_v = self.tokenizer.encode(item_fields[:B])
+            rank_logits = self.mixer(self.bn_u(e_u[:B]), self.bn_v(e_v.flatten(1)), self.bn_u2i(batch.u2i), hist[:B],
+                                     hist_mask[:B])
+            update = StepUpdate() if training else None
+            return DIGForward(LossInputs(rank_logits, batch.labels, batch.weights), e_v=e_v, update=update)
         item_ids = kjt[ITEM_ID].values()
         if item_ids.numel() != B + R:
             raise DataError(
@@ -371,15 +479,12 @@ class DIGModel(nn.Module):
         e_v = self.tokenizer.encode(item_fields)
         q = self.tokenizer.quantize(e_v, item_ids)
         real_rows = row_weights > 0
-        commit = q.commitment_loss(real_rows)  # Eq. 11
-        sem = q.semantic_loss(real_rows)  # Eq. 12
 
         # Eq. 6: rank path on the exposure rows
         user_norm_exp = self.bn_u(e_u[:B])
         rank_logits = self.mixer(
             user_norm_exp, self.bn_v(e_v[:B].flatten(1)), self.bn_u2i(batch.u2i), hist[:B], hist_mask[:B]
         )
-        rank_loss = self.criterion.rank(rank_logits, batch.labels, batch.weights)  # Eq. 9
 
         # which rows feed L_recall, the teacher and L_u2t: the retrieval rows (click groups), the
         # exposure rows, or both (loss.recall_samples=retrieval+exposure: groups first, then exposures)
@@ -437,52 +542,65 @@ class DIGModel(nn.Module):
         # click groups (positive + negatives) lead the rows; padding slots drop whole groups
         crit = self.criterion
         grouped = num_grouped > 0
-        g_rows = slice(0, num_grouped) if grouped else slice(0, n)
         prefix_index = None
         needs_index = grouped and (crit.needs_prefix_index or cfg.loss.prefix_negatives > 0)
         if needs_index and self.tokenizer.is_initialized:
             prefix_index = CatalogPrefixIndex(
                 self.tokenizer.item_sid_table, self.num_codes, crit.sampling_prob if crit.has_sampling_prob else None
             )
-        per_layer = crit.recall_per_layer(recall_logits[:, g_rows], labels_r[g_rows], weights_r[g_rows],
-                                          sids_r[g_rows], grouped, prefix_index)
-        if grouped and num_grouped < n:  # retrieval+exposure: Eq. 10's BCE on the exposure rows as well
-            e_rows = slice(num_grouped, n)
-            per_layer = per_layer + cfg.loss.exposure_recall_weight * crit.recall_per_layer(
-                recall_logits[:, e_rows], labels_r[e_rows], weights_r[e_rows], sids_r[e_rows], False)
-        if training and grouped and cfg.loss.prefix_negatives > 0:
-            sib = self._prefix_negative_loss(e_u[rows[g_rows]], user_norm_r[g_rows], hist[rows[g_rows]],
-                                             hist_mask[rows[g_rows]], sids_r[g_rows], weights_r[g_rows], prefix_index)
-            per_layer = per_layer + cfg.loss.prefix_negatives_weight * sib
-        recall_loss = crit.reduce_layers(per_layer)  # Eq. 10
-        u2t_loss = u2t_distillation(u2t_hat, teacher, weights_r)  # Eq. 15
-
-        losses = {"rank": rank_loss, "recall": recall_loss, "commit": commit, "sem": sem, "u2t": u2t_loss}
-        total = crit.combine(losses, self._loss_gate())  # Eq. 8
-
-        if training:
-            with torch.no_grad():
-                self.tokenizer.training_update(q, item_ids, real_rows)
-                if self.tokenizer.is_initialized:
-                    self.u2t_stats.update(sids_r, u2i_r, weights_r)
-
-        losses = {"total": total, **losses}
-        output = DIGOutput(
-            losses={k: v.detach() for k, v in losses.items()},
-            rank_logits=rank_logits.detach(),
-            labels=batch.labels,
-            weights=batch.weights,
-            recall_logits=recall_logits.detach(),
-            recall_labels=labels_r,
-            recall_weights=weights_r,
-            tokenizer_metrics=self.tokenizer.metrics(q.sids[real_rows]),
+        sib_logits = sib_weights = None
+        if training and grouped and cfg.loss.prefix_negatives > 0 and prefix_index is not None:
+            g = slice(0, num_grouped)
+            sib_logits, sib_weights = self._prefix_negative_logits(
+                e_u[rows[g]], user_norm_r[g], hist[rows[g]], hist_mask[rows[g]], sids_r[g], weights_r[g], prefix_index)
+        loss_inputs = LossInputs(
+            rank_logits, batch.labels, batch.weights, quantized=q, real_rows=real_rows, recall_logits=recall_logits,
+            recall_labels=labels_r, recall_weights=weights_r, recall_sids=sids_r, num_grouped=num_grouped,
+            prefix_index=prefix_index, prefix_negative_logits=sib_logits, prefix_negative_weights=sib_weights,
+            u2t_hat=u2t_hat, u2t_teacher=teacher, gate=self._loss_gate(),
         )
-        return {
-            **losses, "recall_per_layer": per_layer, "e_v": e_v, "e_sid": e_sid, "u2t_hat": u2t_hat,
-            "teacher": teacher, "sids": q.sids, "u2t_in": u2t_in, "output": output,
-        }
+        update = StepUpdate(q, item_ids, real_rows, sids_r, u2i_r, weights_r) if training else None
+        return DIGForward(loss_inputs, e_v=e_v, sids=q.sids, e_sid=e_sid, u2t_hat=u2t_hat, u2t_in=u2t_in,
+                          update=update)
 
-    def _prefix_negative_loss(
+    # ================================================================== step hooks
+    @torch.no_grad()
+    def on_step_accepted(self, output: DIGOutput) -> None:
+        """Apply a training step's buffer updates (the trainer calls it once the step's loss passed
+        ``train.nan_policy``; a caller training the bare model calls it after each step).
+
+        In order: the BatchNorm running statistics; the tokenizer's EMA codebook step with
+        dead-code restarts and SID-table refresh (Eq. 2-4; a collective across ranks); the u2t
+        statistics of Eq. 13/16 (once the tokenizer is initialised). Fills
+        ``output.tokenizer_metrics`` with this step's codebook usage and clears ``output.update``.
+        """
+        for bn in self._step_batch_norms():
+            bn.commit()
+        u = output.update
+        output.update = None
+        if u is None or u.quantized is None:  # not a training forward, or a rank-only model
+            return
+        self.tokenizer.training_update(u.quantized, u.item_ids, u.real_rows)
+        if self.tokenizer.is_initialized:
+            self.u2t_stats.update(u.recall_sids, u.recall_u2i, u.recall_weights)
+        output.tokenizer_metrics = self.tokenizer.metrics(u.quantized.sids[u.real_rows])
+
+    def on_step_skipped(self, output: DIGOutput) -> None:
+        """Drop a rejected training step's buffer updates (``train.nan_policy=skip``).
+
+        The tokenizer's schedule clock (``freeze_after_steps``, the Gumbel decay) still
+        advances: it counts training steps, as :meth:`DIGTokenizer.restore_schedule` does on resume.
+        """
+        for bn in self._step_batch_norms():
+            bn.discard()
+        u = output.update
+        output.update = None
+        if u is None or u.quantized is None:
+            return
+        self.tokenizer.skip_step()
+        output.tokenizer_metrics = self.tokenizer.metrics(u.quantized.sids[u.real_rows])
+
+    def _prefix_negative_logits(
         self,
         e_u: torch.Tensor,
         user_norm: torch.Tensor,
@@ -490,9 +608,10 @@ class DIGModel(nn.Module):
         hist_mask: torch.Tensor,
         sids: torch.Tensor,
         weights: torch.Tensor,
-        index: Optional[CatalogPrefixIndex],
-    ) -> torch.Tensor:
-        """Softmax per layer over each click's prefix and ``loss.prefix_negatives`` sibling prefixes ``[L]``.
+        index: CatalogPrefixIndex,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[L, S, 1 + M]`` of each click's prefix and ``M = loss.prefix_negatives``
+        sibling prefixes per layer, with their weights ``[L, S]`` (the softmax is in :class:`DIGLoss`).
 
         At layer l the siblings are catalog items sharing the positive's c_<l and differing at
         c_l, each standing for its depth-l prefix (c_<l, c'_l): the alternatives beam search
@@ -502,11 +621,9 @@ class DIGModel(nn.Module):
 
         Args:
             e_u, user_norm, hist, hist_mask, sids, weights: the retrieval rows (click groups).
-            index: the catalog prefix index (None before tokenizer init: the term is 0).
+            index: the catalog prefix index.
         """
         L, G, M = self.num_layers, self.criterion.group_size, self.cfg.loss.prefix_negatives
-        if index is None:
-            return user_norm.new_zeros(L)
         pos = torch.arange(0, sids.shape[0], G, device=sids.device)  # the click of each group
         pos_sids = sids[pos]
         S, C = pos.numel(), 1 + M
@@ -524,13 +641,13 @@ class DIGModel(nn.Module):
         u2t = torch.stack(u2ts)
         logits = self.mixer(
             user_norm[pos][expand],
-            _eval_batch_norm(self.bn_sid, target.reshape(L * S * C, -1)).view(L, S * C, -1),
-            _eval_batch_norm(self.bn_u2t, u2t.reshape(L * S * C, -1)).view(L, S * C, -1),
+            self.bn_sid.eval_forward(target.reshape(L * S * C, -1)).view(L, S * C, -1),
+            self.bn_u2t.eval_forward(u2t.reshape(L * S * C, -1)).view(L, S * C, -1),
             hist[pos][expand],
             hist_mask[pos][expand],
         ).view(L, S, C)
         w = weights[pos][None] * torch.stack(valids).to(weights.dtype)  # [L, S]
-        return sampled_softmax(logits, w)
+        return logits, w
 
     def _inference_u2t(self, mode: str, u2t_hat: torch.Tensor, sids: torch.Tensor) -> torch.Tensor:
         """u2t on the recall path outside training, ``[L, N, d_c]`` (Eq. 16)."""

@@ -332,9 +332,9 @@ def _nan_ckpt(ctx: "Ctx") -> str:
     with torch.no_grad():
         dict(model.named_parameters())[name].view(-1)[0] = float("nan")
     run = ctx.dir / ".nan-run"
-    path = CheckpointManager(run).save(TRAINED_STEPS, {"model": model.state_dict()},
-                                       config=read_config(ctx.ws.trained_ckpt),
-                                       dataset_meta=read_dataset_meta(ctx.ws.trained_ckpt), check_finite=False)
+    mgr = CheckpointManager(run, config=read_config(ctx.ws.trained_ckpt),
+                            dataset_meta=read_dataset_meta(ctx.ws.trained_ckpt))
+    path = mgr.save(TRAINED_STEPS, {"model": model}, check_finite=False)
     shutil.move(str(path), str(ctx.dir / "ckpt"))
     shutil.rmtree(run)
     return "ckpt"
@@ -824,8 +824,8 @@ def _make_prior_run(run: Path, data: Path) -> None:
                                  "tokenizer.encoder_heads=2", *BASE_OVERRIDES])
     run.mkdir(parents=True, exist_ok=True)
     save_config(other, run / "config.yaml")
-    CheckpointManager(run, 3).save(2, {"model": {"w": torch.zeros(3)}}, config=other,
-                                   dataset_meta=DatasetMeta.load(data), check_finite=True)
+    CheckpointManager(run, 3, config=other, dataset_meta=DatasetMeta.load(data)).save(
+        2, {"model": {"w": torch.zeros(3)}}, check_finite=True)
     (run / "final_metrics.json").write_text('{"step": 2}\n')
 
 

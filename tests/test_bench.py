@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
     PlainEmbeddingBagCollection,
-    RankOnlyDIG,
     SyntheticBatches,
     auto_positive_slots,
     industrial_meta,
@@ -105,7 +104,7 @@ def test_rank_only_is_dig_without_the_recall_path() -> None:
     cfg, meta, schema = _small()
     torch.manual_seed(0)
     dig = DIGModel(cfg, meta)
-    rank_only = RankOnlyDIG(cfg, meta)
+    rank_only = DIGModel(cfg, meta, rank_only=True)
     missing, unexpected = rank_only.load_state_dict(dig.state_dict(), strict=False)
     assert not missing and unexpected and all(k.split(".")[0] in ("sid_embedding_bags", "u2t_mlp", "u2t_stats",
                                                                    "bn_sid", "bn_u2t") for k in unexpected)
@@ -113,7 +112,7 @@ def test_rank_only_is_dig_without_the_recall_path() -> None:
     dig.eval()
     rank_only.eval()
     with torch.no_grad():
-        want = dig.forward_parts(batch)["output"].rank_logits
+        want = dig.forward_parts(batch).output.rank_logits
         _, got = rank_only(batch)
     torch.testing.assert_close(got.rank_logits, want)  # same exposure rows, same network, eval-mode BN
     rank_only.train()

@@ -35,9 +35,23 @@ def _state(value: float) -> dict:
     return {"model": {"w": torch.full((4, 3), value), "b": torch.arange(3.0) * value}}
 
 
+class _Box:
+    """A minimal ``Stateful``."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
 def _save(mgr: CheckpointManager, step: int, value: float = 1.0, cfg: DIGConfig | None = None) -> Path:
-    return mgr.save(step, _state(value), config=cfg or DIGConfig(), dataset_meta=_meta(), epoch=0,
-                    sharding={"user_id": "table_wise"}, rank_state={"reader": {"batches_in_epoch": step}})
+    mgr.config, mgr.dataset_meta, mgr.sharding = cfg or DIGConfig(), _meta(), {"user_id": "table_wise"}
+    return mgr.save(step, _state(value), rank_states={"reader": _Box({"batches_in_epoch": step})},
+                    train_state=_Box({"epoch": 0, "note": "kept"}))
 
 
 def test_save_load_roundtrip_and_layout(tmp_path: Path) -> None:
@@ -48,10 +62,24 @@ def test_save_load_roundtrip_and_layout(tmp_path: Path) -> None:
         assert (path / name).exists(), name
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     target = _state(0.0)
-    info = mgr.load(path, target)
+    reader, train = _Box({}), _Box({})
+    info = mgr.load(path, target, rank_states={"reader": reader}, train_state=train)
     assert torch.equal(target["model"]["w"], torch.full((4, 3), 2.5))
     assert info.step == 7 and info.world_size == 1 and info.sharding == {"user_id": "table_wise"}
-    assert info.rank_state == {"reader": {"batches_in_epoch": 7}}
+    assert info.rank_states_restored and reader.state == {"batches_in_epoch": 7}
+    assert train.state["step"] == 7 and train.state["extra"] == {"note": "kept"} and info.extra == {"note": "kept"}
+    # Stateful objects are loaded through load_state_dict (torchtitan's shape)
+    module = torch.nn.Linear(3, 4)
+    with torch.no_grad():
+        module.weight.fill_(2.5)
+        module.bias.zero_()
+    other = torch.nn.Linear(3, 4)
+    mgr.load(mgr.save(8, {"model": module}), {"model": other})
+    assert torch.equal(other.weight, module.weight) and torch.equal(other.bias, module.bias)
+    # another world size: this rank's own state is left for the caller to restart
+    resharded = _Box({})
+    info = CheckpointManager(tmp_path, world_size=2).load(path, _state(0.0), rank_states={"reader": resharded})
+    assert not info.rank_states_restored and resharded.state == {}
     assert read_config(path).model.embedding_dim == DIGConfig().model.embedding_dim
 
 
@@ -87,7 +115,7 @@ def test_nan_is_never_written(tmp_path: Path) -> None:
     bad = _state(1.0)
     bad["model"]["b"][1] = float("nan")
     with pytest.raises(NumericalError, match=r"step 2.*model\.b.*NaN"):
-        mgr.save(2, bad, config=DIGConfig())
+        mgr.save(2, bad)
     assert mgr.latest() == good
     assert not (tmp_path / "checkpoints" / "step-2").exists()
 

@@ -65,7 +65,7 @@ def checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         for bn in (model.bn_u, model.bn_v, model.bn_sid):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-    return CheckpointManager(run).save(3, {"model": model.state_dict()}, config=cfg, dataset_meta=meta)
+    return CheckpointManager(run, config=cfg, dataset_meta=meta).save(3, {"model": model})
 
 
 def _reference_state(checkpoint: Path) -> dict:

@@ -167,9 +167,9 @@ def test_checkpoint_half_written_is_never_picked(tmp_path: Path) -> None:
         "import torch\n"
         "from dig_torchrec.config import DIGConfig\n"
         "from dig_torchrec.training.checkpoint import CheckpointManager\n"
-        f"m = CheckpointManager({str(tmp_path)!r}, 3)\n"
-        "m.save(1, {'model': {'w': torch.ones(8)}}, config=DIGConfig())\n"
-        "m.save(2, {'model': {'w': torch.full((8,), 2.0)}}, config=DIGConfig())\n"
+        f"m = CheckpointManager({str(tmp_path)!r}, 3, config=DIGConfig())\n"
+        "m.save(1, {'model': {'w': torch.ones(8)}})\n"
+        "m.save(2, {'model': {'w': torch.full((8,), 2.0)}})\n"
     )
     env = {**os.environ, "DIG_FAULT_KILL_IN_CHECKPOINT_SAVE": "2"}
     env.pop("TORCHELASTIC_RESTART_COUNT", None)
@@ -177,13 +177,13 @@ def test_checkpoint_half_written_is_never_picked(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / ".tmp-step-2" / ".metadata").is_file()  # the tensors of step 2 did reach the disk...
-    mgr = CheckpointManager(tmp_path, 3)
+    mgr = CheckpointManager(tmp_path, 3, config=DIGConfig())
     assert mgr.resolve("auto") == ckpts / "step-1"  # ...but only the complete step 1 counts
     import torch
 
     state = {"model": {"w": torch.zeros(8)}}
     assert mgr.load(ckpts / "step-1", state).step == 1 and torch.equal(state["model"]["w"], torch.ones(8))
-    mgr.save(3, {"model": {"w": torch.ones(8)}}, config=DIGConfig())
+    mgr.save(3, {"model": {"w": torch.ones(8)}})
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-3"]  # the leftover temp is pruned
 
 

@@ -345,11 +345,11 @@ def test_bf16_mixer_keeps_logits_and_losses_fp32(tiny_dataset: Path) -> None:
     model.train()
     parts = model.forward_parts(_batch(tiny_dataset))
     assert seen and all(d == torch.bfloat16 for d in seen)  # the Mixer computed in bf16
-    out = parts["output"]
+    out = parts.output
     assert out.rank_logits.dtype == torch.float32 and out.recall_logits.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in out.losses.values())
     assert model.tokenizer.quantizer.codebooks.dtype == torch.float32
-    parts["total"].backward()
+    parts.terms.total.backward()
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.mixer.parameters())
 
 
@@ -383,9 +383,9 @@ def test_forward_beam_search_and_guards_make_no_tensor_without_a_device(tiny_dat
     try:
         model.train()
         parts = model.forward_parts(batch)
-        out = parts["output"]
+        out = parts.output
         assert check_loss_terms(1, out.losses, "error") == []
-        parts["total"].backward()
+        parts.terms.total.backward()
         opt.step()
         metrics.update(out)
         model.eval()

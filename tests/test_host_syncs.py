@@ -61,6 +61,7 @@ def test_steady_state_step_makes_at_most_five_host_syncs(trainer) -> None:
         trainer.dense_optimizer.step_index = step + 1
         with HostSyncCounter() as c:
             output = trainer.pipeline.progress(it)
+            trainer.dig.on_step_accepted(output)  # the step's EMA / u2t / BN updates, as Trainer._run_segment
             trainer.metrics.update(output)  # every step; the window is read at log steps only
         counts.append(c)
     trainer.pipeline.detach()

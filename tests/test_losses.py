@@ -46,8 +46,8 @@ def test_softmax_recall_objective_in_the_model_is_per_click_cross_entropy():
     batch.retrieval_labels.zero_()
     batch.retrieval_labels[::G] = 1.0
     parts = model.forward_parts(batch)
-    logits = parts["output"].recall_logits  # [L, R]
-    sids = parts["sids"][16:]
+    logits = parts.output.recall_logits  # [L, R]
+    sids = parts.computed.sids[16:]
     want = []
     for layer in range(cfg.tokenizer.num_layers):
         ces = []
@@ -57,8 +57,8 @@ def test_softmax_recall_objective_in_the_model_is_per_click_cross_entropy():
             valid = [True] + [sids[s * G + j, : layer + 1].tolist() != pos_prefix for j in range(1, G)]
             ces.append(_hand_softmax_ce(grp, valid=valid))
         want.append(sum(ces) / 4)
-    torch.testing.assert_close(parts["recall_per_layer"].detach(), torch.tensor(want), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(parts["recall"].detach(), torch.tensor(want).mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.terms.recall_per_layer.detach(), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.terms.recall.detach(), torch.tensor(want).mean(), rtol=1e-5, atol=1e-5)
 
 
 def test_accidental_hits_are_left_out_of_the_softmax():
@@ -124,15 +124,15 @@ def test_prefix_negative_term_trains_and_is_zero_before_init():
     G = 1 + cfg.data.negatives_per_positive
     batch = make_batch(meta, B=16, R=4 * G, seed=4)
     before = model.forward_parts(batch)  # not initialised: no index, the term adds 0
-    assert torch.isfinite(before["recall"])
+    assert torch.isfinite(before.terms.recall)
     initialize(model, meta)
     with_term = model.forward_parts(batch)
     cfg_off = tiny_config(loss={"recall_objective": "softmax"})
     model.cfg = cfg_off
     torch.manual_seed(1)
     without = model.forward_parts(batch)
-    assert (with_term["recall_per_layer"] > without["recall_per_layer"]).all()  # an extra CE >= 0 per layer
-    grads = torch.autograd.grad(with_term["recall"], [model.sid_embedding_bags.embedding_bags["sid"].weight])
+    assert (with_term.terms.recall_per_layer > without.terms.recall_per_layer).all()  # an extra CE >= 0 per layer
+    grads = torch.autograd.grad(with_term.terms.recall, [model.sid_embedding_bags.embedding_bags["sid"].weight])
     assert grads[0].abs().sum() > 0
 
 
@@ -164,8 +164,8 @@ def test_train_mlp_prob_one_feeds_the_mlp_estimate():
     meta = tiny_meta()
     model = initialized_model(cfg, meta)
     parts = model.forward_parts(make_batch(meta, seed=2))
-    torch.testing.assert_close(parts["u2t_in"], parts["u2t_hat"].detach())
-    assert not torch.allclose(parts["u2t_in"], parts["teacher"])
+    torch.testing.assert_close(parts.computed.u2t_in, parts.computed.u2t_hat.detach())
+    assert not torch.allclose(parts.computed.u2t_in, parts.computed.loss_inputs.u2t_teacher)
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -192,11 +192,11 @@ def test_retrieval_plus_exposure_adds_the_exposure_rows_bce():
     B = 16
     batch = make_batch(meta, B=B, R=4 * G, seed=3)
     parts = model.forward_parts(batch)
-    logits = parts["output"].recall_logits  # [L, 4G + B]: groups first, then the exposure rows
+    logits = parts.output.recall_logits  # [L, 4G + B]: groups first, then the exposure rows
     assert logits.shape[1] == 4 * G + B
-    sids = torch.cat([parts["sids"][B:], parts["sids"][:B]])
+    sids = torch.cat([parts.computed.sids[B:], parts.computed.sids[:B]])
     groups = model.criterion.recall_per_layer(logits[:, :4 * G], batch.retrieval_labels, batch.retrieval_weights,
                                               sids[:4 * G], grouped=True)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(
         logits[:, 4 * G:], batch.labels[None].expand(logits.shape[0], -1), reduction="none").mean(1)
-    torch.testing.assert_close(parts["recall_per_layer"].detach(), groups + 0.5 * bce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.terms.recall_per_layer.detach(), groups + 0.5 * bce, rtol=1e-5, atol=1e-6)

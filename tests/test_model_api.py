@@ -24,8 +24,10 @@ def _trained_model(**sections) -> DIGModel:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(3):
         opt.zero_grad()
-        model(make_batch(meta, seed=100 + step))[0].backward()
+        loss, out = model(make_batch(meta, seed=100 + step))
+        loss.backward()
         opt.step()
+        model.on_step_accepted(out)
     model.eval()
     return model
 
@@ -55,6 +57,9 @@ def test_output_fields_and_metrics():
     assert isinstance(out, DIGOutput) and loss.requires_grad
     assert out.rank_logits.shape == (16,) and out.recall_logits.shape == (3, 20)
     assert not out.rank_logits.requires_grad and not out.losses["total"].requires_grad
+    assert out.update is not None and not out.tokenizer_metrics  # a training step's metrics come with its update
+    model.on_step_accepted(out)
+    assert out.update is None
     for key in ("utilization_l1", "perplexity_l3", "dead_restarts_l2", "collision_rate", "init_collision_rate"):
         assert key in out.tokenizer_metrics
     assert 0.0 <= float(out.tokenizer_metrics["collision_rate"]) <= 1.0
@@ -66,7 +71,7 @@ def test_eval_forward_matches_inference_api():
     batch = make_batch(meta, seed=2)
     B = batch.batch_size
     parts = model.forward_parts(batch)
-    out = parts["output"]
+    out = parts.output
     assert out.recall_logits.shape == (3, B) and torch.equal(out.recall_labels, batch.labels)
     schema = FeatureSchema.from_meta(meta, meta.history_length)
     kjt = batch.sparse_features
@@ -82,7 +87,7 @@ def test_eval_forward_matches_inference_api():
     idx = torch.arange(B)
     torch.testing.assert_close(model.rank_logits(ctx, idx, e_v, batch.u2i), out.rank_logits, rtol=1e-5, atol=1e-5)
     sids = model.assign_sids(e_v)
-    assert torch.equal(sids, parts["sids"][:B])
+    assert torch.equal(sids, parts.computed.sids[:B])
     for l in range(1, 4):
         got = model.recall_logits(ctx, idx, sids[:, :l])
         torch.testing.assert_close(got, out.recall_logits[l - 1], rtol=1e-5, atol=1e-5)
@@ -161,9 +166,10 @@ def test_recall_path_ignores_padding_retrieval_rows(tiny_dataset, tiny_data_conf
             getattr(model, name).register_forward_hook(
                 lambda mod, inp, out, name=name: bn_rows.setdefault(name, inp[0].shape[0]) and None)
         parts = model.forward_parts(b)
+        model.on_step_accepted(parts.output)  # BN statistics move when the step is accepted
         # the recall BNs see L x (real retrieval rows), never a padding slot
         assert bn_rows == {"bn_sid": model.num_layers * real, "bn_u2t": model.num_layers * real}
-        results.append((parts["recall"].detach(), parts["u2t"].detach(), model.bn_u2t.running_mean.clone(),
+        results.append((parts.terms.recall.detach(), parts.terms.u2t.detach(), model.bn_u2t.running_mean.clone(),
                         model.bn_u.running_mean.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

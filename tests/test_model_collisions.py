@@ -66,6 +66,7 @@ def measure(root: str, steps: int, num_codes: int, num_layers: int, init_after: 
             loss, out = model(batch)
             loss.backward()
             opt.step()
+            model.on_step_accepted(out)
             step += 1
             if step % 25 == 0:
                 logging.getLogger(__name__).info("step %d loss %.4f collisions %.4f (%.0fs)", step,

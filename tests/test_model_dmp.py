@@ -63,6 +63,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             loss, out = dmp(next(batches))
             loss.backward()
             dense_opt.step()
+            dmp.module.on_step_accepted(out)
             assert torch.isfinite(loss)
             return loss
 
@@ -79,6 +80,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         pipeline = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"))
         for _ in range(3):
             out = pipeline.progress(batches)
+            inner.on_step_accepted(out)
             assert torch.isfinite(out.losses["total"]) and float(out.losses["recall"]) > 0
         assert inner.embedding_bags.is_pipelined, "embedding_bags was not pipelined"
         pipeline.detach()

@@ -34,12 +34,14 @@ def test_codebooks_get_no_grad_and_move_only_by_ema():
     batch = make_batch(meta, seed=3, pad_rows=2)
     before = {k: v.clone() for k, v in q.state_dict().items()}
     parts = model.forward_parts(batch)
-    parts["total"].backward()
+    parts.terms.total.backward()
+    assert torch.equal(q.codebooks, before["codebooks"])  # the forward itself moves nothing
+    model.on_step_accepted(parts.output)  # the EMA step
     assert q.codebooks.grad is None and not q.codebooks.requires_grad
     # expected EMA step recomputed by hand from the same batch (first step primes the counts)
     mask = torch.cat([batch.weights, batch.retrieval_weights]) > 0
-    sids = parts["sids"][mask]
-    r = [parts["e_v"].detach().flatten(1)[mask]]
+    sids = parts.computed.sids[mask]
+    r = [parts.computed.e_v.detach().flatten(1)[mask]]
     for layer in range(q.num_layers):
         r.append(r[-1] - before["codebooks"][layer][sids[:, layer]])
     a, eps, k = q.decay, q.epsilon, q.num_codes
@@ -59,7 +61,8 @@ def test_codebooks_get_no_grad_and_move_only_by_ema():
     assert torch.equal(q.codebooks, after_ema)
     # eval-mode forwards never move them
     model.eval()
-    model(batch)
+    _, out = model(batch)
+    model.on_step_accepted(out)
     assert torch.equal(q.codebooks, after_ema)
 
 
@@ -68,17 +71,17 @@ def test_encoder_gets_grad_from_rank_commit_and_sem():
     parts = model.forward_parts(make_batch(tiny_meta(), seed=1))
     enc = list(model.tokenizer.encoder.parameters())
     for term in ("rank", "commit", "sem"):
-        assert _nonzero(_grads(parts[term], enc)), f"encoder gets no gradient from L_{term}"
+        assert _nonzero(_grads(getattr(parts.terms, term), enc)), f"encoder gets no gradient from L_{term}"
 
 
 def test_e_v_gets_no_grad_from_recall_or_u2t():
     model = _model()
     parts = model.forward_parts(make_batch(tiny_meta(), seed=1))
-    e_v = parts["e_v"]
+    e_v = parts.computed.e_v
     for term in ("recall", "u2t"):
-        (g,) = _grads(parts[term], [e_v])
+        (g,) = _grads(getattr(parts.terms, term), [e_v])
         assert g is None or float(g.abs().sum()) == 0.0, f"e_v gets gradient from L_{term}"
-    (g,) = _grads(parts["rank"], [e_v])
+    (g,) = _grads(parts.terms.rank, [e_v])
     assert g is not None and float(g.abs().sum()) > 0
 
 
@@ -86,9 +89,9 @@ def test_sid_embeddings_get_grad_from_recall_and_u2t_not_rank():
     model = _model()
     parts = model.forward_parts(make_batch(tiny_meta(), seed=2))
     sid = list(model.sid_embedding_bags.parameters())
-    assert _nonzero(_grads(parts["recall"], sid))
-    assert _nonzero(_grads(parts["u2t"], sid))
-    assert not _nonzero(_grads(parts["rank"], sid))
+    assert _nonzero(_grads(parts.terms.recall, sid))
+    assert _nonzero(_grads(parts.terms.u2t, sid))
+    assert not _nonzero(_grads(parts.terms.rank, sid))
 
 
 def test_teacher_is_stop_gradient():
@@ -96,9 +99,9 @@ def test_teacher_is_stop_gradient():
     batch = make_batch(tiny_meta(), seed=4)
     batch.retrieval_u2i.requires_grad_(True)
     parts = model.forward_parts(batch)
-    assert not parts["teacher"].requires_grad
+    assert not parts.computed.loss_inputs.u2t_teacher.requires_grad
     for term in ("u2t", "recall"):
-        (g,) = _grads(parts[term], [batch.retrieval_u2i])
+        (g,) = _grads(getattr(parts.terms, term), [batch.retrieval_u2i])
         assert g is None, f"gradient reaches the teacher's u2i through L_{term}"
     # ...while the student (MLP_u2t) is trained by L_u2t
-    assert _nonzero(_grads(parts["u2t"], list(model.u2t_mlp.parameters())))
+    assert _nonzero(_grads(parts.terms.u2t, list(model.u2t_mlp.parameters())))

@@ -7,9 +7,16 @@ import copy
 import pytest
 import torch
 
-from dig_torchrec.model import LOSS_KEYS, DIGModel
+from dig_torchrec.model import LOSS_KEYS, DIGModel, StepParts
 from test_model_helpers import all_item_e_v, initialized_model, make_batch, tiny_config, tiny_meta
 
+
+
+def _get(parts: StepParts, key: str) -> torch.Tensor:
+    """A loss term, or an intermediate of the model's computation, by name."""
+    if key == "teacher":
+        return parts.computed.loss_inputs.u2t_teacher
+    return getattr(parts.terms, key) if hasattr(parts.terms, key) else getattr(parts.computed, key)
 
 def _model(cfg) -> DIGModel:
     return initialized_model(cfg)
@@ -48,7 +55,7 @@ def test_padding_rows_do_not_count():
     model = _model(tiny_config())
     batch = make_batch(tiny_meta(), seed=6, pad_rows=4)
     parts = model.forward_parts(batch)
-    out = parts["output"]
+    out = parts.output
     w = batch.weights
     ref = torch.nn.functional.binary_cross_entropy_with_logits(out.rank_logits[w > 0], batch.labels[w > 0])
     torch.testing.assert_close(out.losses["rank"], ref)
@@ -59,13 +66,13 @@ def test_recall_loss_weight_zero_is_rank_only_base():
     batch = make_batch(tiny_meta(), seed=7)
     a, b = base.forward_parts(batch), alt.forward_parts(batch)
     for key in ("rank", "recall", "commit", "sem", "u2t"):
-        torch.testing.assert_close(a[key], b[key])
-    torch.testing.assert_close(b["total"], a["total"] - a["recall"])
-    torch.testing.assert_close(a["output"].recall_logits, b["output"].recall_logits)
+        torch.testing.assert_close(_get(a, key), _get(b, key))
+    torch.testing.assert_close(b.terms.total, a.terms.total - a.terms.recall)
+    torch.testing.assert_close(a.output.recall_logits, b.output.recall_logits)
     # the recall path no longer drives the Mixer: only L_rank + L_u2t + tokenizer terms remain
     mixer_params = list(alt.mixer.parameters())
-    g_total = torch.autograd.grad(b["total"], mixer_params, retain_graph=True, allow_unused=True)
-    g_rank = torch.autograd.grad(b["rank"], mixer_params, retain_graph=True, allow_unused=True)
+    g_total = torch.autograd.grad(b.terms.total, mixer_params, retain_graph=True, allow_unused=True)
+    g_rank = torch.autograd.grad(b.terms.rank, mixer_params, retain_graph=True, allow_unused=True)
     for x, y in zip(g_total, g_rank):
         if x is not None:
             torch.testing.assert_close(x, y)
@@ -78,22 +85,24 @@ def test_frozen_tokenizer_keeps_tree_sids_and_codebooks_but_rank_path_unchanged(
     meta = tiny_meta()
     batch = make_batch(meta, seed=8)
     a, b = base.forward_parts(batch), alt.forward_parts(batch)
-    torch.testing.assert_close(a["output"].rank_logits, b["output"].rank_logits)
-    torch.testing.assert_close(a["rank"], b["rank"])
+    torch.testing.assert_close(a.output.rank_logits, b.output.rank_logits)
+    torch.testing.assert_close(a.terms.rank, b.terms.rank)
     item_ids = batch.sparse_features["item_id"].values()
-    assert torch.equal(b["sids"], tree_sids[item_ids])
+    assert torch.equal(b.computed.sids, tree_sids[item_ids])
     opt = torch.optim.Adam(alt.parameters(), lr=1e-2)
     for step in range(3):
         opt.zero_grad()
-        loss, _ = alt(make_batch(meta, seed=20 + step))
+        loss, out = alt(make_batch(meta, seed=20 + step))
         loss.backward()
         opt.step()
+        alt.on_step_accepted(out)
     assert torch.equal(alt.tokenizer.item_sid_table, tree_sids)
     assert torch.equal(alt.tokenizer.quantizer.codebooks, codebooks)
     enc_before = [p.clone() for p in base.tokenizer.encoder.parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(alt.tokenizer.encoder.parameters(), enc_before)), \
         "the encoder must still train in frozen mode"
-    base(make_batch(meta, seed=20))
+    _, out = base(make_batch(meta, seed=20))
+    base.on_step_accepted(out)
     assert not torch.equal(base.tokenizer.quantizer.codebooks, codebooks)  # the default does move them
     ev = all_item_e_v(alt, meta)
     assert torch.equal(alt.tokenizer.corpus_sids(ev), tree_sids)
@@ -103,11 +112,11 @@ def test_train_side_false_zeroes_only_recall_u2t_input():
     base, alt = _pair("u2t", "train_side", False)
     batch = make_batch(tiny_meta(), seed=9)
     a, b = base.forward_parts(batch), alt.forward_parts(batch)
-    assert torch.equal(b["u2t_in"], torch.zeros_like(b["u2t_in"]))
-    torch.testing.assert_close(a["u2t_in"], a["teacher"])
+    assert torch.equal(b.computed.u2t_in, torch.zeros_like(b.computed.u2t_in))
+    torch.testing.assert_close(a.computed.u2t_in, a.computed.loss_inputs.u2t_teacher)
     for key in ("rank", "commit", "sem", "u2t", "teacher", "u2t_hat"):
-        torch.testing.assert_close(a[key], b[key])
-    assert not torch.allclose(a["output"].recall_logits, b["output"].recall_logits)
+        torch.testing.assert_close(_get(a, key), _get(b, key))
+    assert not torch.allclose(a.output.recall_logits, b.output.recall_logits)
 
 
 @pytest.mark.parametrize("mode", ["stat_mean", "none"])
@@ -117,32 +126,33 @@ def test_u2t_inference_mode_changes_only_eval_recall_u2t(mode):
     for step in range(2):  # training is identical under every inference mode
         a, b = base.forward_parts(make_batch(meta, seed=30 + step)), alt.forward_parts(make_batch(meta, seed=30 + step))
         for key in ("total", "rank", "recall", "u2t"):
-            torch.testing.assert_close(a[key], b[key])
+            torch.testing.assert_close(_get(a, key), _get(b, key))
+        base.on_step_accepted(a.output), alt.on_step_accepted(b.output)  # u2t statistics, BN statistics
     base.eval(), alt.eval()
     batch = make_batch(meta, seed=11)
     a, b = base.forward_parts(batch), alt.forward_parts(batch)
-    torch.testing.assert_close(a["output"].rank_logits, b["output"].rank_logits)
-    torch.testing.assert_close(a["u2t_in"], a["u2t_hat"])
+    torch.testing.assert_close(a.output.rank_logits, b.output.rank_logits)
+    torch.testing.assert_close(a.computed.u2t_in, a.computed.u2t_hat)
     if mode == "none":
-        assert torch.equal(b["u2t_in"], torch.zeros_like(b["u2t_in"]))
+        assert torch.equal(b.computed.u2t_in, torch.zeros_like(b.computed.u2t_in))
     else:
-        sids = b["sids"][: batch.batch_size]
+        sids = b.computed.sids[: batch.batch_size]
         expected = torch.stack([alt.u2t_stats.lookup(l, sids[:, l]) for l in range(3)])
-        torch.testing.assert_close(b["u2t_in"], expected)
+        torch.testing.assert_close(b.computed.u2t_in, expected)
         assert float(alt.u2t_stats.u2i_count.sum()) > 0
-    assert not torch.allclose(a["output"].recall_logits, b["output"].recall_logits)
+    assert not torch.allclose(a.output.recall_logits, b.output.recall_logits)
 
 
 def test_last_layer_supervision_changes_only_recall_loss():
     base, alt = _pair("loss", "recall_supervision", "last_layer")
     batch = make_batch(tiny_meta(), seed=12)
     a, b = base.forward_parts(batch), alt.forward_parts(batch)
-    torch.testing.assert_close(a["recall_per_layer"], b["recall_per_layer"])
-    torch.testing.assert_close(a["recall"], a["recall_per_layer"].mean())  # Eq. 10
-    torch.testing.assert_close(b["recall"], b["recall_per_layer"][-1])
-    torch.testing.assert_close(a["output"].recall_logits, b["output"].recall_logits)
+    torch.testing.assert_close(a.terms.recall_per_layer, b.terms.recall_per_layer)
+    torch.testing.assert_close(a.terms.recall, a.terms.recall_per_layer.mean())  # Eq. 10
+    torch.testing.assert_close(b.terms.recall, b.terms.recall_per_layer[-1])
+    torch.testing.assert_close(a.output.recall_logits, b.output.recall_logits)
     for key in ("rank", "commit", "sem", "u2t"):
-        torch.testing.assert_close(a[key], b[key])
+        torch.testing.assert_close(_get(a, key), _get(b, key))
 
 
 def test_recall_samples_switch_picks_the_rows():

@@ -53,10 +53,10 @@ def test_run_dir_resolves_to_the_most_recently_written_checkpoint(tmp_path: Path
     from dig_torchrec.training.loading import resolve_checkpoint
 
     cfg = DIGConfig()
-    mgr = CheckpointManager(tmp_path, keep_latest_k=5)
-    mgr.save(10, {"model": {"w": torch.zeros(2)}}, config=cfg)  # a stale, higher step of an older run
+    mgr = CheckpointManager(tmp_path, keep_latest_k=5, config=cfg)
+    mgr.save(10, {"model": {"w": torch.zeros(2)}})  # a stale, higher step of an older run
     time.sleep(0.01)
-    mgr.save(3, {"model": {"w": torch.ones(2)}}, config=cfg)
+    mgr.save(3, {"model": {"w": torch.ones(2)}})
     assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-3"
 
 
@@ -129,9 +129,9 @@ def test_resume_from_an_earlier_step_continues_from_its_own_checkpoints(tmp_path
     from dig_torchrec.training.checkpoint import CheckpointManager
     from dig_torchrec.training.loading import resolve_checkpoint
 
-    mgr = CheckpointManager(tmp_path, keep_latest_k=3)
+    mgr = CheckpointManager(tmp_path, keep_latest_k=3, config=DIGConfig())
     for step in (10, 20, 30, 15):
-        mgr.save(step, {"model": {"w": torch.full((2,), float(step))}}, config=DIGConfig())
+        mgr.save(step, {"model": {"w": torch.full((2,), float(step))}})
         time.sleep(0.01)
     ckpts = tmp_path / "checkpoints"
     assert mgr.latest() == ckpts / "step-15" == mgr.resolve("auto") == resolve_checkpoint(tmp_path)

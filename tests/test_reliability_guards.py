@@ -94,10 +94,10 @@ def test_checkpoint_with_nan_parameter_is_refused_and_previous_stays_latest(tmp_
     from dig_torchrec.config import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp_path}"])
-    mgr = CheckpointManager(tmp_path, 3)
-    good = mgr.save(1, {"model": {"w": torch.ones(4)}}, config=cfg)
+    mgr = CheckpointManager(tmp_path, 3, config=cfg)
+    good = mgr.save(1, {"model": {"w": torch.ones(4)}})
     with pytest.raises(NumericalError, match=r"step 2: refusing to write a checkpoint: 'model\.w' holds NaN/inf"):
-        mgr.save(2, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0, 0.0])}}, config=cfg)
+        mgr.save(2, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0, 0.0])}})
     assert mgr.latest() == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]  # no step-2, no temp dir
     state = {"model": {"w": torch.zeros(4)}}

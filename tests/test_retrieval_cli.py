@@ -35,7 +35,7 @@ def checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     model = DIGModel(cfg, meta, device="cpu").eval()
     items = ItemTable.load(tiny_dataset, schema, meta)
     model.initialize_tokenizer(model.corpus_item_representations(items))
-    return CheckpointManager(run).save(1, {"model": model.state_dict()}, config=cfg, dataset_meta=meta)
+    return CheckpointManager(run, config=cfg, dataset_meta=meta).save(1, {"model": model})
 
 
 def test_dig_eval_writes_flat_json_and_sid_index(checkpoint: Path, tmp_path: Path, capsys) -> None:

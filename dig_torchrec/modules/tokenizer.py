@@ -143,6 +143,13 @@ class DIGTokenizer(nn.Module):
         self.item_sid_table[ids] = sids
         self._collision_rate = None
 
+    def skip_step(self) -> None:
+        """A training step was rejected: no EMA step, but the schedule clock
+        (:attr:`steps_since_init`) advances as :meth:`restore_schedule` counts it."""
+        if self.cfg.frozen or not self.is_initialized or self.ema_frozen:
+            return
+        self.steps_since_init += 1
+
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def initialize(self, e_v_all: torch.Tensor) -> None:

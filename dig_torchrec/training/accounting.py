@@ -109,7 +109,7 @@ class RowAccounting:
     """Counts the rows (and their fingerprint) a train reader hands out; see the module docstring.
 
     Args:
-        reader: the train ``ExposureReader`` (all its attributes stay reachable through this object).
+        reader: the train ``ExposureReader`` (:attr:`reader`; what the trainer reads of it is named below).
         run_dir: where ``accounting/rank-<rank>.json`` is written.
         schema: the feature layout (which keys identify a row).
     """
@@ -125,9 +125,43 @@ class RowAccounting:
         self._exact = True
         self._resumed_at: Optional[Dict[str, int]] = None
 
-    # ------------------------------------------------------------------ delegation
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_reader"], name)
+    # ------------------------------------------------------------------ the reader's API the trainer uses
+    @property
+    def reader(self) -> Any:
+        """The wrapped ``ExposureReader``."""
+        return self._reader
+
+    @property
+    def epoch(self) -> int:
+        return self._reader.epoch
+
+    @property
+    def num_batches(self) -> int:
+        """Batches of this rank's share of one epoch."""
+        return self._reader.num_batches
+
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return int(self._reader.state_dict()["batches_in_epoch"])
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.batches_in_epoch >= self.num_batches
+
+    @property
+    def retrieval_size(self) -> int:
+        """Retrieval rows per batch (R)."""
+        return self._reader.retrieval_size
+
+    @property
+    def items(self) -> Any:
+        """The catalog's ``ItemTable``."""
+        return self._reader.items
+
+    def negative_sampling_prob(self) -> Any:
+        """The reader's negative-sampling ``p(v)`` (None = uniform)."""
+        return self._reader.negative_sampling_prob()
 
     def __len__(self) -> int:
         return len(self._reader)

@@ -19,6 +19,21 @@ system every rank sees (one node: any local disk; many nodes: a shared mount).
 
 DCP stores every tensor with its global shape and shard offsets, so a checkpoint
 saved on 2 ranks loads on 1 (or 8): each rank reads the slices its new plan owns.
+
+What is saved is a dict of ``Stateful`` objects (``state_dict()`` / ``load_state_dict()``),
+as in torchtitan, handed to :meth:`CheckpointManager.save` / :meth:`CheckpointManager.load`
+in three groups, so a new piece of state is one line where the trainer builds them:
+
+* ``states``: sharded or replicated tensors (the DMP model, the combined optimizer),
+  written with DCP under their key (``model.*``, ``optim.*``);
+* ``rank_states``: this rank's own state (reader position, RNG streams), in
+  ``rank_state/rank-<r>.pt``; restored only at the same world size (else the caller
+  decides how to restart, :attr:`CheckpointInfo.rank_states_restored` is False);
+* ``train_state``: small JSON facts (step, epoch, metrics) in ``train_state.json``.
+
+The run's config, dataset metadata and sharding plan are the manager's (constructor).
+The on-disk layout is the one checkpoints had before this API, so older checkpoints load
+for resume, evaluation and export as they are.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +59,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dig_torchrec.config import DIGConfig, config_from_dict, flatten, save_config
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.errors import CheckpointError, ConfigError, DIGError, NumericalError
+from dig_torchrec.errors import CheckpointError, ConfigError, DIGError, NumericalError, interrupted
 from dig_torchrec.training.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -80,9 +95,17 @@ OPTIMIZER_KEYS: Tuple[str, ...] = ("train.sparse_optimizer",)
 META_KEYS: Tuple[str, ...] = ("num_users", "num_items", "user_features", "context_features", "item_features", "u2i_dim")
 
 
+class Stateful(Protocol):
+    """What a checkpoint holds: torch's ``Stateful`` protocol (DMP models and keyed optimizers are ones)."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None: ...
+
+
 @dataclass
 class CheckpointInfo:
-    """What ``train_state.json`` and this rank's ``rank_state`` file hold.
+    """What ``train_state.json`` holds, and whether this rank's own state was restored.
 
     Args:
         path: the checkpoint directory.
@@ -90,8 +113,8 @@ class CheckpointInfo:
         epoch: the epoch the next step belongs to.
         world_size: ranks that wrote it.
         sharding: table name -> sharding type of the plan that wrote it.
-        extra: anything else the trainer stored (metrics, epoch progress).
-        rank_state: this rank's reader position / RNG state, or None when the world size
+        extra: anything else the train state stored (metrics, epoch progress).
+        rank_states_restored: the ``rank_states`` were loaded; False when the world size
             changed (the trainer then decides how to restart the reader).
     """
 
@@ -101,7 +124,12 @@ class CheckpointInfo:
     world_size: int
     sharding: Dict[str, str] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
-    rank_state: Optional[Dict[str, Any]] = None
+    rank_states_restored: bool = False
+
+
+def _state_dict_of(obj: Any) -> Any:
+    """``obj.state_dict()`` of a ``Stateful``; a plain dict is its own state."""
+    return obj if isinstance(obj, Mapping) else obj.state_dict()
 
 
 def step_dir_name(step: int) -> str:
@@ -594,9 +622,22 @@ class CheckpointManager:
         keep_latest_k: complete checkpoints kept after each save (older ones are deleted).
         rank: this process's rank.
         world_size: ranks in the job.
+        config: the run's resolved config, saved as ``config.yaml`` (needed to save).
+        dataset_meta: the training data's metadata, saved as ``dataset_meta.json``.
+        sharding: table -> sharding type of the current plan (``train_state.json``).
     """
 
-    def __init__(self, run_dir: str | Path, keep_latest_k: int = 3, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_latest_k: int = 3,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        config: Optional[DIGConfig] = None,
+        dataset_meta: Optional[DatasetMeta] = None,
+        sharding: Optional[Mapping[str, str]] = None,
+    ) -> None:
         if keep_latest_k <= 0:
             raise ConfigError(f"config key 'train.keep_latest_k' = {keep_latest_k}; must be > 0")
         self.run_dir = Path(run_dir)
@@ -604,6 +645,9 @@ class CheckpointManager:
         self.keep_latest_k = keep_latest_k
         self.rank = rank
         self.world_size = world_size
+        self.config = config
+        self.dataset_meta = dataset_meta
+        self.sharding: Dict[str, str] = dict(sharding or {})
 
     # ------------------------------------------------------------------ listing
     def complete_checkpoints(self) -> List[Tuple[int, Path]]:
@@ -662,31 +706,30 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        state: Dict[str, Any],
+        states: Mapping[str, Any],
         *,
-        config: DIGConfig,
-        dataset_meta: Optional[DatasetMeta] = None,
-        epoch: int = 0,
-        sharding: Optional[Mapping[str, str]] = None,
-        rank_state: Optional[Dict[str, Any]] = None,
-        extra: Optional[Dict[str, Any]] = None,
+        rank_states: Optional[Mapping[str, Stateful]] = None,
+        train_state: Optional[Stateful] = None,
         check_finite: bool = True,
     ) -> Path:
         """Write checkpoint ``step`` atomically on every rank (a collective call).
 
         Args:
             step: optimizer steps completed.
-            state: DCP state: ``{"model": model.state_dict(), "optim": optimizer.state_dict(), ...}``.
-            config: the resolved config (saved as ``config.yaml``).
-            dataset_meta: the dataset's metadata (saved as ``dataset_meta.json``).
-            epoch: the epoch the next step belongs to.
-            sharding: table -> sharding type of the current plan.
-            rank_state: this rank's reader position / RNG state (torch-saveable).
-            extra: small JSON-able facts to keep in ``train_state.json``.
-            check_finite: refuse to write a NaN/inf parameter (raises :class:`NumericalError`).
+            states: name -> ``Stateful`` (or a plain state dict) written with DCP under its name.
+            rank_states: name -> ``Stateful`` of this rank's own state (torch-saveable).
+            train_state: a ``Stateful`` whose state is JSON: ``epoch`` and any other facts
+                (kept under ``extra`` in ``train_state.json``; the step is ``step``).
+            check_finite: refuse to write a NaN/inf tensor (raises :class:`NumericalError`).
         """
+        if self.config is None:
+            raise ValueError("CheckpointManager needs the run's config to save (CheckpointManager(..., config=cfg))")
+        state = {name: _state_dict_of(obj) for name, obj in states.items()}
         if check_finite:
             self._check_finite(step, state)
+        facts = dict(train_state.state_dict()) if train_state is not None else {}
+        epoch = int(facts.pop("epoch", 0))
+        facts.pop("step", None)
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
@@ -698,16 +741,17 @@ class CheckpointManager:
         self._barrier()
         t0 = time.perf_counter()
         dcp.save(state, checkpoint_id=str(tmp))
-        if rank_state is not None:
+        if rank_states:
             part = tmp / RANK_STATE_DIR / f"rank-{self.rank}.pt.part"
-            torch.save(rank_state, part)
+            torch.save({name: obj.state_dict() for name, obj in rank_states.items()}, part)
             os.replace(part, tmp / RANK_STATE_DIR / f"rank-{self.rank}.pt")
         fault_point("checkpoint_save", step, self.rank)  # test-only: die before COMPLETE (training/faults.py)
         self._barrier()
         if self.rank == 0:
+            config = self.config
             save_config(config, tmp / CONFIG_FILE)
-            if dataset_meta is not None:
-                dataset_meta.save(tmp)
+            if self.dataset_meta is not None:
+                self.dataset_meta.save(tmp)
                 os.replace(tmp / "meta.json", tmp / DATASET_META_FILE)
             if (Path(config.data.path) / "meta.json").is_file():
                 write_dataset_fingerprint(tmp, config.data.path)
@@ -715,9 +759,9 @@ class CheckpointManager:
                 "step": step,
                 "epoch": epoch,
                 "world_size": self.world_size,
-                "sharding": dict(sharding or {}),
+                "sharding": self.sharding,
                 "time": time.time(),
-                "extra": extra or {},
+                "extra": facts,
             }
             _write_text_atomic(tmp / TRAIN_STATE_FILE, json.dumps(info, indent=2, default=float))
             _write_text_atomic(tmp / COMPLETE, f"step {step}\n")
@@ -787,35 +831,56 @@ class CheckpointManager:
             dist.barrier()
 
     # ------------------------------------------------------------------ loading
-    def load(self, path: str | Path, state: Dict[str, Any]) -> CheckpointInfo:
-        """Load ``path`` into ``state`` in place (a collective call) and return its facts.
+    def load(
+        self,
+        path: str | Path,
+        states: Mapping[str, Any],
+        *,
+        rank_states: Optional[Mapping[str, Stateful]] = None,
+        train_state: Optional[Stateful] = None,
+    ) -> CheckpointInfo:
+        """Restore ``path`` into the objects :meth:`save` took (a collective call); return its facts.
 
-        The tensors in ``state`` (plain or sharded, any world size) receive the saved
-        values; the caller then calls ``load_state_dict`` on its modules/optimizers.
+        ``states`` receive the saved tensors (plain or sharded, any world size): a
+        ``Stateful`` through its ``load_state_dict``, a plain state dict in place. The
+        tensor shapes are checked before, and the values for NaN/inf after, the read.
+        ``rank_states`` are restored only when the world size is the one that saved it;
+        ``train_state`` gets the ``train_state.json`` record (``step``, ``epoch``, ``extra``, ...).
 
         Args:
             path: a complete checkpoint directory.
-            state: template state dict with the same top-level keys used at save time.
+            states, rank_states, train_state: as for :meth:`save`.
         """
         p = Path(path)
         if not is_complete(p):
             raise CheckpointError(f"{p}: not a complete checkpoint (no {COMPLETE} marker)")
+        state = {name: _state_dict_of(obj) for name, obj in states.items()}
         if "model" in state:
             check_state_shapes(p, state["model"], "model")
         info_d = read_train_state(p)
         try:
             dcp.load(state, checkpoint_id=str(p))
         except (Exception, CheckpointException) as e:  # DCP wraps errors (CheckpointException is a BaseException)
-            if _interrupted(e):
+            if interrupted(e):
                 raise KeyboardInterrupt from e
             raise dcp_load_error(p, e) from e
         if "model" in state:
             check_finite_state(p, state["model"], "model")
-        rank_state = None
+        for name, obj in states.items():
+            if not isinstance(obj, Mapping):
+                obj.load_state_dict(state[name])
         saved_world = int(info_d.get("world_size", 1))
         rs = p / RANK_STATE_DIR / f"rank-{self.rank}.pt"
-        if saved_world == self.world_size and rs.is_file():
-            rank_state = load_rank_state(rs)
+        restored = False
+        if rank_states and saved_world == self.world_size and rs.is_file():
+            saved = load_rank_state(rs)
+            for name, obj in rank_states.items():
+                if name not in saved:
+                    raise CheckpointError(f"{rs}: holds no '{name}' state (written by another version?)")
+                obj.load_state_dict(saved[name])
+            restored = True
+        if train_state is not None:
+            train_state.load_state_dict(info_d)
         return CheckpointInfo(
             path=p,
             step=int(info_d["step"]),
@@ -823,7 +888,7 @@ class CheckpointManager:
             world_size=saved_world,
             sharding=dict(info_d.get("sharding", {})),
             extra=dict(info_d.get("extra", {})),
-            rank_state=rank_state,
+            rank_states_restored=restored,
         )
 
 
@@ -831,12 +896,6 @@ def _is_rank_zero() -> bool:
     """Rank 0 of the launcher's environment (``--resume`` is resolved before the process group
     exists): only it reads every byte of a checkpoint to check its CRC-32s."""
     return os.environ.get("RANK", "0") in ("", "0")
-
-
-def _interrupted(e: BaseException) -> bool:
-    from dig_torchrec.cli import interrupted
-
-    return interrupted(e)
 
 
 def _collective_device() -> torch.device:

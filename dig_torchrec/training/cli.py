@@ -157,7 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dig_torchrec.cli import interrupted, setup_logging
+    from dig_torchrec.cli import setup_logging
+    from dig_torchrec.errors import interrupted
 
     setup_logging(args.verbose)
     try:

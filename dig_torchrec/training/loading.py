@@ -200,7 +200,7 @@ def load_for_inference(
     try:
         _load_no_dist({"model": state}, path)
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-        from dig_torchrec.cli import interrupted
+        from dig_torchrec.errors import interrupted
 
         if interrupted(e):
             raise KeyboardInterrupt from e

@@ -121,6 +121,49 @@ def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) 
     torch.cuda.set_rng_state(cuda, device)
 
 
+class RNGState:
+    """This rank's RNG streams as a checkpoint ``Stateful`` (:func:`rng_state` / :func:`set_rng_state`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> Dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        set_rng_state(state, self.device)
+
+
+class SkippedSteps:
+    """The dense optimizer's count of skipped steps as a checkpoint ``Stateful`` (saved as a bare int)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> int:  # type: ignore[override]
+        return int(self.optimizer.skipped_steps)
+
+    def load_state_dict(self, state: int) -> None:
+        self.optimizer.skipped_steps = int(state)
+
+
+class TrainProgress:
+    """The trainer's step, epoch and last validation as a checkpoint ``Stateful`` (``train_state.json``)."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> Dict[str, Any]:
+        t = self.trainer
+        reader = t.train_reader
+        return {"step": t.step, "epoch": reader.epoch,
+                "epoch_fraction": reader.batches_in_epoch / max(1, reader.num_batches),
+                "validation": t.last_validation}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.trainer.step = int(state["step"])
+
+
 class Trainer:
     """Trains DIG on one process or many (``torchrun`` / TorchX), from a resolved config.
 
@@ -159,6 +202,7 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.last_checkpoint_step = -1
         self.last_validation_step = -1
+        self._step_rejected = False  # the last training forward's loss failed train.nan_policy=skip
         self._setup()
 
     # ================================================================== setup
@@ -206,7 +250,14 @@ class Trainer:
         )
         self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
         self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank, world_size=env.world_size)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank,
+                                             world_size=env.world_size, config=cfg, dataset_meta=self.meta,
+                                             sharding=self.sharding_types)
+        # what a checkpoint holds (training/checkpoint.py): a new piece of state is one line here
+        self.checkpoint_states: Dict[str, Any] = {"model": self.model, "optim": self.optimizer}  # DCP, resharded
+        self.rank_states: Dict[str, Any] = {  # this rank's own, restored at the same world size
+            "reader": self.train_reader, "rng": RNGState(env.device), "skipped_steps": SkippedSteps(self.dense_optimizer)}
+        self.train_state = TrainProgress(self)  # train_state.json
         # the recall objective's logQ correction needs the reader's negative-sampling distribution
         self.dig.criterion.set_sampling_distribution(self.train_reader.negative_sampling_prob(), env.device)
         self.valid_reader: Optional[ExposureReader] = None
@@ -231,7 +282,7 @@ class Trainer:
                 self.train_reader.retrieval_size, cfg.train.lr, cfg.train.sparse_lr,
             )
         self.pin_memory = cfg.train.pin_memory and env.device.type == "cuda"
-        self.train_reader._reader.pin_memory = self.pin_memory  # data.num_workers > 0: the DataLoader pins
+        self.train_reader.reader.pin_memory = self.pin_memory  # data.num_workers > 0: the DataLoader pins
         configure_precision(self.dig, cfg.train, env.device)
         # the collision rate scans the whole SID table: read it at log steps, not in every forward
         self.dig.tokenizer.collision_rate_in_metrics = False
@@ -256,9 +307,6 @@ class Trainer:
         """The DIG module inside DMP (sharded tables, unwrapped from DDP)."""
         return self.model.module  # type: ignore[return-value]
 
-    def _state(self) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
-
     def _maybe_resume(self) -> None:
         # resolved once, on rank 0, and broadcast: every rank loads the same checkpoint even if
         # a newer one completes while the ranks start, or another node's view of run_dir lags
@@ -269,19 +317,12 @@ class Trainer:
             return
         check_compatible(path, self.cfg, self.meta, for_training=True)
         check_sharding(path, self.sharding_types)
-        state = self._state()
-        info = self.checkpoints.load(path, state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        self.step = info.step
+        info = self.checkpoints.load(path, self.checkpoint_states, rank_states=self.rank_states,
+                                     train_state=self.train_state)
         # EMA steps since the tokenizer init (tokenizer.freeze_after_steps, the Gumbel decay): one per step after it
         self.dig.tokenizer.restore_schedule(self.step)
         reader = self.train_reader
-        if info.rank_state is not None:
-            reader.load_state_dict(info.rank_state["reader"])
-            set_rng_state(info.rank_state["rng"], self.env.device)
-            self.dense_optimizer.skipped_steps = int(info.rank_state.get("skipped_steps", 0))
-        else:
+        if not info.rank_states_restored:
             # World size changed: the row order depends on it, so resume at the same fraction
             # of the epoch (rows are not matched one to one).
             frac = float(info.extra.get("epoch_fraction", 0.0))
@@ -299,28 +340,21 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", path, self.step, reader.epoch)
 
     # ================================================================== step
-    def _float_buffers(self) -> Dict[str, torch.Tensor]:
-        """Buffers the forward pass updates (BN stats and counters, codebook EMA, item SID table, u2t stats)."""
-        return {k: b for k, b in self.dig.named_buffers() if b.numel() < 50_000_000}
-
     def _guarded_forward(self, batch: Optional[DIGBatch]) -> Tuple[torch.Tensor, DIGOutput]:
         """Forward with the NaN/inf policy (``train.nan_policy``) applied before backward.
 
-        ``skip``: the forward's buffer updates are rolled back and backward runs on a zero
-        loss over the dense parameters only, so neither the fused (in-backward) sparse
-        optimizer nor Adam moves, and DDP still sees every parameter's gradient.
+        ``skip``: backward runs on a zero loss over the dense parameters only, so neither the
+        fused (in-backward) sparse optimizer nor Adam moves, and DDP still sees every
+        parameter's gradient; :meth:`_run_segment` then drops the step's buffer updates
+        (``DIGModel.on_step_skipped``) instead of applying them.
         """
         training = self.model.training
-        skip_policy = training and self.cfg.train.nan_policy == "skip"
-        snapshot = {k: b.clone() for k, b in self._float_buffers().items()} if skip_policy else {}
         loss, output = self.model(batch)
         if not training:
             return loss, output
         # all ranks agree; raises NumericalError under nan_policy=error (training/guards.py)
-        if check_loss_terms(self.step + 1, output.losses, self.cfg.train.nan_policy):
-            with torch.no_grad():
-                for name, buf in self._float_buffers().items():
-                    buf.copy_(snapshot[name])
+        self._step_rejected = check_loss_terms(self.step + 1, output.losses, self.cfg.train.nan_policy)
+        if self._step_rejected:
             self.dense_optimizer.skip_next = True
             dense = [p for p in self.dense_optimizer.params.values() if p.requires_grad]
             loss = torch.stack([p.sum() for p in dense]).sum() * 0.0  # no path to the embedding tables
@@ -405,19 +439,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``run_dir/checkpoints/step-<step>`` (collective)."""
         average_batchnorm_stats(self.model)  # one value per replicated buffer in the checkpoint
-        reader = self.train_reader
-        rstate = reader.state_dict()
-        frac = rstate["batches_in_epoch"] / max(1, reader.num_batches)
-        path = self.checkpoints.save(
-            self.step,
-            self._state(),
-            config=self.cfg,
-            dataset_meta=self.meta,
-            epoch=reader.epoch,
-            sharding=self.sharding_types,
-            rank_state={"reader": rstate, "rng": rng_state(self.env.device), "skipped_steps": self.dense_optimizer.skipped_steps},
-            extra={"epoch_fraction": frac, "validation": self.last_validation},
-        )
+        path = self.checkpoints.save(self.step, self.checkpoint_states, rank_states=self.rank_states,
+                                     train_state=self.train_state)
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
         return path
 
@@ -431,7 +454,7 @@ class Trainer:
         if self.cfg.tokenizer.init_after_steps > self.step:
             out.append(self.cfg.tokenizer.init_after_steps)
         reader = self.train_reader
-        left_in_epoch = reader.num_batches - reader.state_dict()["batches_in_epoch"]
+        left_in_epoch = reader.num_batches - reader.batches_in_epoch
         out.append(self.step + max(left_in_epoch, 1) if left_in_epoch > 0 else self.step + reader.num_batches)
         return [s for s in out if s > self.step]
 
@@ -451,7 +474,7 @@ class Trainer:
 
     def _epoch_iterator(self) -> Iterator[DIGBatch]:
         reader = self.train_reader
-        if reader.state_dict()["batches_in_epoch"] >= reader.num_batches:
+        if reader.epoch_done:
             reader.set_epoch(reader.epoch + 1)
         return iter(reader)
 
@@ -485,7 +508,10 @@ class Trainer:
             return
         if self.best is not None and float(value) <= float(self.best["value"]):
             return
-        if self.last_checkpoint_step != self.step:
+        # a checkpoint at this step in this run (after a resume from another run's final
+        # checkpoint, the last one lives in that run's directory: ``best`` must not point there)
+        here = self.last_checkpoint is not None and self.last_checkpoint.parent == self.checkpoints.dir
+        if self.last_checkpoint_step != self.step or not here:
             self.save_checkpoint()
         assert self.last_checkpoint is not None
         self.checkpoints.mark_best(self.last_checkpoint, metric, float(value), self.step)
@@ -526,7 +552,7 @@ class Trainer:
                                         auc=f"{self._last_train.get('train/rank_auc', float('nan')):.3f}")
                 self.pipeline.detach()  # drained: events call the model directly
                 reader = self.train_reader
-                epoch_done = reader.state_dict()["batches_in_epoch"] >= reader.num_batches
+                epoch_done = reader.epoch_done
                 if self.step < target and not epoch_done:
                     raise RuntimeError(f"reader ran dry at step {self.step} before the epoch ended")
                 if epoch_done and self.step < self.total_steps:
@@ -573,6 +599,11 @@ class Trainer:
             except StopIteration:
                 return
             self.step += 1
+            # the step's buffer updates (tokenizer EMA, SID table, u2t statistics, BN statistics)
+            if self._step_rejected:
+                self.dig.on_step_skipped(output)
+            else:
+                self.dig.on_step_accepted(output)
             faults.fault_point("step", self.step, self.env.rank)  # test-only fault injection
             self.metrics.update(output)
             yield None
