@@ -1,7 +1,8 @@
 """The ``dig`` command: ``dig data|train|eval|retrieve|export|bench ...``.
 
 Each layer registers its own subcommands (``register(subparsers)``) and is imported
-lazily, so ``dig data ...`` does not pay for importing the model or the trainer.
+lazily (by name, ``importlib``), so ``dig data ...`` does not pay for importing the model
+or the trainer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-from dig_torchrec.errors import DIGError
+from dig_torchrec.errors import DIGError, interrupted  # noqa: F401  (interrupted: re-exported, training/checkpoint.py imports it from here)
 
 # subcommand -> module that defines register(subparsers)
 _COMMANDS = {
@@ -21,7 +22,7 @@ _COMMANDS = {
     "train": "dig_torchrec.training.cli",
     "eval": "dig_torchrec.retrieval.cli",
     "retrieve": "dig_torchrec.retrieval.cli",
-    "export": "dig_torchrec.export",
+    "export": "dig_torchrec.export.cli",
     "bench": "dig_torchrec.bench",
 }
 
@@ -34,12 +35,7 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in _COMMANDS), None)
     modules = [_COMMANDS[wanted]] if wanted else list(dict.fromkeys(_COMMANDS.values()))
     for mod in modules:
-        try:
-            importlib.import_module(mod).register(sub)
-        except ModuleNotFoundError as e:  # a layer that is not installed in this build
-            if wanted:
-                raise
-            logging.getLogger(__name__).debug("skipping %s: %s", mod, e)
+        importlib.import_module(mod).register(sub)
     return parser
 
 
@@ -77,34 +73,6 @@ def setup_logging(verbose: bool) -> None:
             handler.addFilter(LibraryChatterFilter(verbose))
     if not verbose:  # torch's "is_fx_tracing will return true for both ..." notice on every traced call
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-
-
-def interrupted(exc: BaseException) -> bool:
-    """True when ``exc`` is, wraps or was caused by a KeyboardInterrupt (Ctrl-C / SIGINT).
-
-    ``torch.distributed.checkpoint`` catches every ``BaseException`` of a save or load and
-    re-raises it wrapped in a ``CheckpointException``, so a Ctrl-C during a checkpoint save
-    arrives as an ordinary exception.
-    """
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        stack += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
-        if isinstance(failures, dict):
-            for wrapped in failures.values():
-                inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
-                if isinstance(inner, BaseException):
-                    stack.append(inner)
-                elif "KeyboardInterrupt" in str(wrapped):
-                    return True
-    return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -22,3 +22,31 @@ class CheckpointError(DIGError):
 
 class NumericalError(DIGError, FloatingPointError):
     """A NaN or inf loss/gradient under ``train.nan_policy=error``: names the step and term."""
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` is, wraps or was caused by a KeyboardInterrupt (Ctrl-C / SIGINT).
+
+    ``torch.distributed.checkpoint`` catches every ``BaseException`` of a save or load and
+    re-raises it wrapped in a ``CheckpointException``, so a Ctrl-C during a checkpoint save
+    arrives as an ordinary exception.
+    """
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for wrapped in failures.values():
+                inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
+                if isinstance(inner, BaseException):
+                    stack.append(inner)
+                elif "KeyboardInterrupt" in str(wrapped):
+                    return True
+    return False

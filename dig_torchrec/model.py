@@ -338,12 +338,16 @@ class DIGModel(nn.Module):
         pooled = self.embedding_bags(batch.sparse_features)  # the one EBC call per step
         return _forward_from_pooled(self, batch, pooled)
 
-    def forward_parts(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> Dict[str, object]:
+    def forward_parts(
+        self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None, u2t_mode: Optional[str] = None
+    ) -> Dict[str, object]:
         """:meth:`forward` with the intermediates exposed (for tests and diagnostics).
 
         Args:
             batch: the batch.
             pooled: the ``embedding_bags`` output for ``batch.sparse_features`` (computed if None).
+            u2t_mode: outside training, the recall path's u2t input (``mlp`` | ``stat_mean`` | ``none``);
+                default ``u2t.inference``.
 
         Returns a dict with the loss terms (graph-attached), ``total``, ``e_v`` ``[B+R, F, d]``,
         ``e_sid`` ``[L, N, F*d]``, ``u2t_hat``, ``teacher`` ``[L, N, d_c]``, ``sids`` and ``output``.
@@ -424,7 +428,7 @@ class DIGModel(nn.Module):
                 use_mlp = torch.rand(n, device=teacher.device) < cfg.u2t.train_mlp_prob
                 u2t_in = torch.where(use_mlp[None, :, None], u2t_hat.detach(), u2t_in)
         else:
-            u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
+            u2t_in = self._inference_u2t(u2t_mode or cfg.u2t.inference, u2t_hat, sids_r)
 
         # Eq. 7 for l = 1..L in one Mixer call (a leading L: the passes share user and history)
         recall_logits = self.mixer(
@@ -567,13 +571,15 @@ class DIGModel(nn.Module):
         return self.tokenizer.assign(e_v)
 
     @torch.no_grad()
-    def corpus_item_representations(self, items: "ItemTable", batch_size: int = 4096) -> torch.Tensor:
-        """e_v of every catalog item, ``[num_items, F_enc*d]`` in item-id order."""
+    def corpus_item_representations(
+        self, items: "ItemTable", batch_size: int = 4096, ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """e_v (Eq. 1) of the items ``ids`` (default: every catalog item, in item-id order), ``[n, F_enc*d]``,
+        ``batch_size`` items per encoder call; through sharded tables every rank must make the same calls."""
         device = self.tokenizer.quantizer.codebooks.device
-        out = []
-        for start in range(0, items.num_items, batch_size):
-            ids = torch.arange(start, min(start + batch_size, items.num_items))
-            out.append(self.item_representation(items.kjt(ids).to(device)).flatten(1))
+        ids = torch.arange(items.num_items) if ids is None else ids
+        out = [self.item_representation(items.kjt(ids[start:start + batch_size]).to(device)).flatten(1)
+               for start in range(0, ids.numel(), batch_size)]
         return torch.cat(out)
 
     @torch.no_grad()
