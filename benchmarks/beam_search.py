@@ -151,7 +151,7 @@ def build_catalog(num_items: int, args: argparse.Namespace) -> Dict[str, Any]:
 
 def _checkpoint_step(path: Path) -> Optional[int]:
     """Training step of an export bundle (its manifest) or a checkpoint (its train state)."""
-    from dig_torchrec.export import is_bundle, read_manifest
+    from dig_torchrec.export.bundle import is_bundle, read_manifest
     from dig_torchrec.training.checkpoint import read_train_state
 
     step = read_manifest(path).get("step") if is_bundle(path) else read_train_state(path).get("step")

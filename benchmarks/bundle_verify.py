@@ -2,7 +2,7 @@
 at ``industrial_large`` size (20M users, 500K items, ``configs/industrial_large.yaml``).
 
 Every bundle load re-hashes every file listed in ``manifest.json`` (sha256) before the
-model is built (``training/loading.py: verify_artifact``). This script measures that cost
+model is built (``inference.py: verify_artifact``). This script measures that cost
 on a bundle directory with the byte sizes of a real industrial_large W=1 bundle:
 
 * ``__0_0.distcp``: one file as large as the model's state dict (the DIGModel of the
@@ -12,7 +12,7 @@ on a bundle directory with the byte sizes of a real industrial_large W=1 bundle:
 * ``config.yaml``, ``dataset_meta.json``, ``sharding_plan.json``, ``COMPLETE``, and the
   ``manifest.json`` written by the exporter's own :func:`write_manifest`.
 
-It then times :func:`dig_torchrec.export.verify_bundle` (what every load runs) and, for
+It then times :func:`dig_torchrec.export.bundle.verify_bundle` (what every load runs) and, for
 comparison, a plain sequential read of the same files (the I/O a DCP load does anyway),
 ``--repeats`` times each, interleaved. The files were just written, so both run from the
 page cache (the warm case: a bundle loaded again on the same host); a cold read adds the
@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS_DIR, industrial_meta, machine_info  # noqa: E402
 from dig_torchrec.config import load_config, save_config  # noqa: E402
-from dig_torchrec.export import sha256_file, verify_bundle, write_manifest  # noqa: E402
+from dig_torchrec.export.bundle import sha256_file, verify_bundle, write_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -147,21 +147,14 @@ def _worker(rank: int, world: int, port: int, spec: Dict[str, Any], out_path: st
     t_build = time.perf_counter()
     info: Dict[str, Any] = {}
     if variant in ("dig", "rank_only"):
-        from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-        from torchrec.distributed.types import ShardingEnv
 
-        from dig_torchrec.distributed.planner import default_sharders, plan_sharding, plan_sharding_types
-        from dig_torchrec.training.optim import attach_sparse_optimizer, build_optimizer
+        from dig_torchrec.distributed.planner import plan_sharding_types
+        from dig_torchrec.distributed.sharding import shard_model
+        from dig_torchrec.training.optim import build_optimizer
 
         model = DIGModel(cfg, meta, device="meta", rank_only=variant == "rank_only")
-        attach_sparse_optimizer(model, cfg.train, env.device.type)
-        plan = plan_sharding(model, cfg.sharding, env.device, world, world, B, pg=env.process_group)
-        dmp = DistributedModelParallel(
-            module=model, env=ShardingEnv.from_process_group(env.process_group), device=env.device, plan=plan,
-            sharders=default_sharders(),
-            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False),
-        )
+        dmp, plan = shard_model(model, cfg, env, B)  # as training/trainer.py (no per-feature pooling hint)
         optimizer, _ = build_optimizer(dmp, cfg.train)
         dig = dmp.module
         if variant == "dig":

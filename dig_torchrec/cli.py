@@ -1,7 +1,8 @@
 """The ``dig`` command: ``dig data|train|eval|retrieve|export|bench ...``.
 
 Each layer registers its own subcommands (``register(subparsers)``) and is imported
-lazily, so ``dig data ...`` does not pay for importing the model or the trainer.
+lazily (by name, ``importlib``), so ``dig data ...`` does not pay for importing the model
+or the trainer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _COMMANDS = {
     "train": "dig_torchrec.training.cli",
     "eval": "dig_torchrec.retrieval.cli",
     "retrieve": "dig_torchrec.retrieval.cli",
-    "export": "dig_torchrec.export",
+    "export": "dig_torchrec.export.cli",
     "bench": "dig_torchrec.bench",
 }
 
@@ -34,12 +35,7 @@ def build_parser(argv: List[str]) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in _COMMANDS), None)
     modules = [_COMMANDS[wanted]] if wanted else list(dict.fromkeys(_COMMANDS.values()))
     for mod in modules:
-        try:
-            importlib.import_module(mod).register(sub)
-        except ModuleNotFoundError as e:  # a layer that is not installed in this build
-            if wanted:
-                raise
-            logging.getLogger(__name__).debug("skipping %s: %s", mod, e)
+        importlib.import_module(mod).register(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ Configs are filled from YAML files in ``configs/`` and changed with dotted overr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -390,9 +391,41 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _apply_sources(cfg: DIGConfig, sources: Sequence[Dict[str, Any]]) -> None:
+    """Apply nested mappings to ``cfg`` in order, then sync the ``run_dir`` alias."""
+    root_run_dir = False
+    for values in sources:
+        _apply(cfg, values)
+        root_run_dir = root_run_dir or "run_dir" in values
+    # run_dir is settable at the root (run_dir=/x) or as train.run_dir; the root wins if set.
+    if root_run_dir:
+        cfg.train.run_dir = cfg.run_dir
+    else:
+        cfg.run_dir = cfg.train.run_dir
+
+
+def apply_overrides(cfg: DIGConfig, overrides: Sequence[str], *, check: bool = True) -> DIGConfig:
+    """A copy of ``cfg`` with dotted ``key=value`` overrides applied in order.
+
+    The one override path: ``load_config``, ``dig eval`` / ``dig retrieve`` / ``dig export``
+    and the inference loader all go through it.
+
+    Args:
+        cfg: the config to start from (not modified).
+        overrides: e.g. ``["eval.beam_size=128", "data.path=/x"]``; an unknown key or a wrong
+            type raises :class:`ConfigError` naming it.
+        check: validate the result (:func:`validate`); off to check only keys and types.
+    """
+    out = copy.deepcopy(cfg)
+    _apply_sources(out, [parse_override(o) for o in overrides])
+    if check:
+        validate(out)
+    return out
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DIGConfig:
     """Build a :class:`DIGConfig` from an optional YAML file plus dotted overrides."""
-    cfg = DIGConfig()
+    sources: List[Dict[str, Any]] = []
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -403,14 +436,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             raise ConfigError(f"config file {p}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
-        _apply(cfg, data)
-    for o in overrides:
-        _apply(cfg, parse_override(o))
-    # run_dir is settable at the root (run_dir=/x) or as train.run_dir; the root wins if set.
-    if cfg.run_dir != DIGConfig.run_dir:
-        cfg.train.run_dir = cfg.run_dir
-    else:
-        cfg.run_dir = cfg.train.run_dir
+        sources.append(data)
+    cfg = DIGConfig()
+    _apply_sources(cfg, sources + [parse_override(o) for o in overrides])
     validate(cfg)
     return cfg
 

@@ -8,17 +8,17 @@
 2. Training: ``torchx run -s local_cwd launch/components.py:train`` with 2 local workers
    (torchrun under the hood) and ``--resume auto``, so a rerun continues (or just
    re-validates) the run in ``OUT/train`` instead of starting over.
-3. Evaluation: ``dig eval`` (Recall/NDCG@K, AUCs) of ``checkpoints/best`` (the best
-   validation ``train.select_metric``; ``--last`` takes the last step) when the retrieval
-   layer is installed, else the trainer's final validation metrics.
-4. Export: ``dig export`` into ``OUT/export`` when available (rewritten on every run).
+3. Evaluation: ``dig eval`` (Recall/NDCG@K, exact AUCs) of ``checkpoints/best`` (the best
+   validation ``train.select_metric``; ``--last`` takes the last step).
+4. Export: ``dig export`` into ``OUT/export`` (rewritten on every run).
 5. A short summary: rank AUC, recall AUC, where the checkpoint and the bundle are.
+
+Every step runs ``dig`` / ``torchx`` in a subprocess, as a user would.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from dig_torchrec.training.checkpoint import CheckpointManager
+from dig_torchrec.training.trainer import read_final_metrics
 
 logger = logging.getLogger("dig_torchrec.demo")
 
@@ -80,8 +83,6 @@ def train(config: Path, data: Path, run_dir: Path, nproc: int, extra: List[str])
         f"data.path={data}", f"run_dir={run_dir}", *extra,
     ]
     _run(cmd, f"train ({nproc} workers via TorchX)", env=env)
-    from dig_torchrec.training.trainer import read_final_metrics
-
     return read_final_metrics(run_dir)
 
 
@@ -93,16 +94,13 @@ def _eval_inputs(checkpoint: Path, max_users: int) -> Dict[str, Any]:
             "complete_mtime_ns": marker.stat().st_mtime_ns if marker.exists() else None}
 
 
-def evaluate(checkpoint: Path, out: Path, max_users: int) -> Optional[Dict[str, Any]]:
-    """``dig eval`` metrics, or None when the retrieval layer is not installed.
+def evaluate(checkpoint: Path, out: Path, max_users: int) -> Dict[str, Any]:
+    """``dig eval`` metrics.
 
     A rerun of the demo on a finished run reuses ``out`` when it was made from the same
     checkpoint and user budget (recorded beside it in ``<out>.inputs.json``), so the second
     ``make demo`` does not spend minutes re-evaluating an unchanged model.
     """
-    if importlib.util.find_spec("dig_torchrec.retrieval.cli") is None:
-        logger.info("dig eval is not available: reporting the trainer's validation metrics")
-        return None
     inputs = _eval_inputs(checkpoint, max_users)
     stamp = out.with_name(out.name + ".inputs.json")
     try:
@@ -122,11 +120,8 @@ def evaluate(checkpoint: Path, out: Path, max_users: int) -> Optional[Dict[str, 
     return result
 
 
-def export(checkpoint: Path, out: Path) -> Optional[Path]:
-    """``dig export`` into ``out`` (replaced), or None when the export layer is not installed."""
-    if importlib.util.find_spec("dig_torchrec.export") is None:
-        logger.info("dig export is not available: skipping the export")
-        return None
+def export(checkpoint: Path, out: Path) -> Path:
+    """``dig export`` into ``out`` (replaced)."""
     if out.exists():
         shutil.rmtree(out)
     _run([_bin("dig"), "export", "--checkpoint", str(checkpoint), "--out", str(out)], "export")
@@ -135,8 +130,6 @@ def export(checkpoint: Path, out: Path) -> Optional[Path]:
 
 def best_checkpoint(run_dir: Path) -> Optional[Dict[str, Any]]:
     """``checkpoints/best.json`` of ``run_dir`` plus the resolved ``path``, or None if there is no best yet."""
-    from dig_torchrec.training.checkpoint import CheckpointManager
-
     mgr = CheckpointManager(run_dir)
     best = mgr.read_best()
     if best is None:
@@ -179,23 +172,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     bundle = export(checkpoint, out / "export")
 
     layers = sorted(k for k in metrics if k.startswith("valid/recall_auc_l"))
-    rank_auc = ev.get("rank_auc") if ev else metrics.get("valid/rank_auc")
-    recall_auc = ev.get("recall_auc") if ev and "recall_auc" in ev else (metrics.get(layers[-1]) if layers else None)
+    rank_auc = ev.get("rank_auc")
+    recall_auc = ev["recall_auc"] if "recall_auc" in ev else (metrics.get(layers[-1]) if layers else None)
     lines = [
         "",
         "=== DIG demo summary ===",
         f"dataset     : {data} ({config.name})",
         f"training    : {int(final['step'])} steps on {final['world_size']} workers (TorchX local_cwd)",
-        f"rank AUC    : {_fmt(rank_auc)}   ({'dig eval, ' + 'test split' if ev else 'validation split'})",
+        f"rank AUC    : {_fmt(rank_auc)}   (dig eval, test split, exact)",
         f"recall AUC  : {_fmt(recall_auc)}   (last SID layer)",
     ]
-    if ev:
-        for key in ("recall@10", "recall@50", "ndcg@10", "unified_recall@10"):
-            if key in ev:
-                lines.append(f"{key:<12}: {_fmt(ev[key])}")
+    for key in ("recall@10", "recall@50", "ndcg@10", "unified_recall@10"):
+        if key in ev:
+            lines.append(f"{key:<12}: {_fmt(ev[key])}")
     lines += [
         f"checkpoint  : {checkpoint}{'  (checkpoints/best by ' + best['metric'] + ')' if best and not args.last else ''}",
-        f"export      : {bundle if bundle else 'skipped'}",
+        f"export      : {bundle}",
         f"metrics     : {out / 'train' / 'metrics.jsonl'} (TensorBoard: {out / 'train' / 'tensorboard'})",
         f"time        : {time.perf_counter() - t0:.0f}s",
     ]

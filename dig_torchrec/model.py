@@ -413,9 +413,14 @@ class DIGModel(nn.Module):
         pooled = self.embedding_bags(batch.sparse_features)  # the one EBC call per step
         return _forward_from_pooled(self, batch, pooled)
 
-    def forward_parts(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> StepParts:
-        """:meth:`forward` with the intermediates exposed (tests and diagnostics)."""
-        computed = self.compute(batch, pooled)
+    def forward_parts(
+        self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None, u2t_mode: Optional[str] = None
+    ) -> StepParts:
+        """:meth:`forward` with the intermediates exposed (tests, diagnostics, evaluation).
+
+        ``u2t_mode``: outside training, the recall path's u2t input (see :meth:`compute`).
+        """
+        computed = self.compute(batch, pooled, u2t_mode=u2t_mode)
         terms = self.criterion(computed.loss_inputs)
         return StepParts(computed, terms, self._output(batch, computed, terms))
 
@@ -440,12 +445,16 @@ class DIGModel(nn.Module):
     def _step_batch_norms(self) -> List[StepBatchNorm1d]:
         return [m for m in self.modules() if isinstance(m, StepBatchNorm1d)]
 
-    def compute(self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None) -> DIGForward:
+    def compute(
+        self, batch: DIGBatch, pooled: Optional[KeyedTensor] = None, u2t_mode: Optional[str] = None
+    ) -> DIGForward:
         """The rank and recall paths of one batch and everything Eq. 8 needs; no loss, no buffer update.
 
         Args:
             batch: the batch.
             pooled: the ``embedding_bags`` output for ``batch.sparse_features`` (computed if None).
+            u2t_mode: outside training, the recall path's u2t input (``mlp`` | ``stat_mean`` | ``none``);
+                default ``u2t.inference``.
         """
         cfg = self.cfg
         kjt = batch.sparse_features
@@ -529,7 +538,7 @@ class DIGModel(nn.Module):
                 use_mlp = torch.rand(n, device=teacher.device) < cfg.u2t.train_mlp_prob
                 u2t_in = torch.where(use_mlp[None, :, None], u2t_hat.detach(), u2t_in)
         else:
-            u2t_in = self._inference_u2t(cfg.u2t.inference, u2t_hat, sids_r)
+            u2t_in = self._inference_u2t(u2t_mode or cfg.u2t.inference, u2t_hat, sids_r)
 
         # Eq. 7 for l = 1..L in one Mixer call (a leading L: the passes share user and history)
         recall_logits = self.mixer(
@@ -684,13 +693,15 @@ class DIGModel(nn.Module):
         return self.tokenizer.assign(e_v)
 
     @torch.no_grad()
-    def corpus_item_representations(self, items: "ItemTable", batch_size: int = 4096) -> torch.Tensor:
-        """e_v of every catalog item, ``[num_items, F_enc*d]`` in item-id order."""
+    def corpus_item_representations(
+        self, items: "ItemTable", batch_size: int = 4096, ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """e_v (Eq. 1) of the items ``ids`` (default: every catalog item, in item-id order), ``[n, F_enc*d]``,
+        ``batch_size`` items per encoder call; through sharded tables every rank must make the same calls."""
         device = self.tokenizer.quantizer.codebooks.device
-        out = []
-        for start in range(0, items.num_items, batch_size):
-            ids = torch.arange(start, min(start + batch_size, items.num_items))
-            out.append(self.item_representation(items.kjt(ids).to(device)).flatten(1))
+        ids = torch.arange(items.num_items) if ids is None else ids
+        out = [self.item_representation(items.kjt(ids[start:start + batch_size]).to(device)).flatten(1)
+               for start in range(0, ids.numel(), batch_size)]
         return torch.cat(out)
 
     @torch.no_grad()

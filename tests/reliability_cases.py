@@ -100,7 +100,7 @@ class Runner:
     """Runs ``dig ARGS`` in processes forked from a warm forkserver (torch imported once)."""
 
     PRELOAD = ["dig_torchrec.cli", "dig_torchrec.data.cli", "dig_torchrec.training.cli", "dig_torchrec.retrieval.cli",
-               "dig_torchrec.export", "dig_torchrec.training.trainer", "dig_torchrec.retrieval.evaluate",
+               "dig_torchrec.export.cli", "dig_torchrec.training.trainer", "dig_torchrec.retrieval.evaluate",
                "reliability_cases"]
 
     def __init__(self) -> None:
@@ -325,7 +325,7 @@ def _nan_ckpt(ctx: "Ctx") -> str:
     import torch
 
     from dig_torchrec.training.checkpoint import CheckpointManager, read_config, read_dataset_meta
-    from dig_torchrec.training.loading import load_for_inference
+    from dig_torchrec.inference import load_for_inference
 
     model, _, _ = load_for_inference(ctx.ws.trained_ckpt)
     name = next(n for n, p in model.named_parameters() if p.is_floating_point() and p.dim() == 2)

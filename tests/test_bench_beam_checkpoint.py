@@ -133,7 +133,7 @@ def test_checkpoint_mode_serves_what_dig_eval_serves(trained_checkpoint: Path, t
 def test_checkpoint_mode_reads_an_export_bundle_with_data_override(trained_checkpoint: Path, tiny_dataset: Path,
                                                                   tmp_path: Path) -> None:
     from benchmarks.beam_search import main
-    from dig_torchrec.export import export_bundle
+    from dig_torchrec.export.writer import export_bundle
 
     torch.set_num_threads(1)
     bundle = export_bundle(trained_checkpoint, tmp_path / "bundle")

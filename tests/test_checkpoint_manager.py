@@ -156,7 +156,7 @@ def test_run_dir_checked_before_training(tmp_path: Path) -> None:
 def test_saved_step_reads_train_state_then_the_bundle_manifest(tmp_path):
     import json
 
-    from dig_torchrec.training.loading import saved_step
+    from dig_torchrec.inference import saved_step
 
     assert saved_step(tmp_path) is None
     (tmp_path / "manifest.json").write_text(json.dumps({"step": 7}))

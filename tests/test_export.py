@@ -22,15 +22,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from dig_torchrec.cli import main as dig_main
 from dig_torchrec.config import DIGConfig, DataConfig, ModelConfig, TokenizerConfig, U2TConfig, EvalConfig
 from dig_torchrec.errors import CheckpointError
-from dig_torchrec.export import (
-    MANIFEST_FILE,
-    export_bundle,
-    is_bundle,
-    load_bundle,
-    read_manifest,
-    sha256_file,
-    verify_bundle,
-)
+from dig_torchrec.export.bundle import MANIFEST_FILE, is_bundle, read_manifest, sha256_file, verify_bundle
+from dig_torchrec.export.writer import export_bundle, load_bundle
 
 
 def _micro_config(data_path: Path, run_dir: Path) -> DIGConfig:
@@ -69,7 +62,7 @@ def checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _reference_state(checkpoint: Path) -> dict:
-    from dig_torchrec.training.loading import load_for_inference
+    from dig_torchrec.inference import load_for_inference
 
     model, _, _ = load_for_inference(checkpoint)
     return model.state_dict()
@@ -106,7 +99,7 @@ def test_manifest_hashes_every_file_and_sid_index(checkpoint: Path, tmp_path: Pa
         assert manifest["files"][rel]["sha256"] == sha256_file(out / rel)
     assert manifest["step"] == 3 and manifest["world_size"] == 1
     # the SID table is the tokenizer's assignment of the whole catalog
-    from dig_torchrec.training.loading import load_for_inference
+    from dig_torchrec.inference import load_for_inference
     from dig_torchrec.data.items import ItemTable
     from dig_torchrec.data.reader import open_dataset
 

@@ -188,7 +188,7 @@ def test_checkpoint_half_written_is_never_picked(tmp_path: Path) -> None:
 
 
 def test_kill_mid_export_leaves_no_partial_bundle(reference: Dict, tmp_path: Path) -> None:
-    from dig_torchrec.export import is_bundle
+    from dig_torchrec.export.bundle import is_bundle
 
     checkpoint = reference["final"]["checkpoint"]
     out = tmp_path / "bundle"

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalRecall
 
 from dig_torchrec.retrieval.metrics import (
-    auc,
+    exact_auc,
     mean_std,
     ndcg_at_k,
     overlap_at_k,
@@ -60,8 +60,8 @@ def test_auc_hand_computed_with_ties_and_padding():
     labels = torch.tensor([0, 0, 1, 1, 1, 1])
     weights = torch.tensor([1, 1, 1, 1, 1, 0])  # last row is padding
     # positives {0.35, 0.8, 0.4} vs negatives {0.1, 0.4}: 0.35 beats 1; 0.8 beats 2; 0.4 beats 1 + tie 0.5
-    assert auc(scores, labels, weights) == pytest.approx((1 + 2 + 1.5) / 6)
-    assert math.isnan(auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])))
+    assert exact_auc(scores, labels, weights) == pytest.approx((1 + 2 + 1.5) / 6)
+    assert math.isnan(exact_auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])))
 
 
 def test_auc_agrees_with_sklearn_and_torchmetrics():
@@ -71,10 +71,10 @@ def test_auc_agrees_with_sklearn_and_torchmetrics():
     y = torch.randint(0, 2, (500,), generator=g)
     s = torch.round(torch.randn(500, generator=g) + y * 0.7, decimals=1)  # informative, with ties
     w = torch.rand(500, generator=g) + 0.1
-    assert auc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
-    assert auc(s, y) == pytest.approx(float(binary_auroc(s.sigmoid(), y)), abs=1e-6)
-    assert auc(s, y, w) == pytest.approx(roc_auc_score(y.numpy(), s.numpy(), sample_weight=w.numpy()), abs=1e-12)
-    assert auc(-s, y) == pytest.approx(1.0 - auc(s, y), abs=1e-12)
+    assert exact_auc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()), abs=1e-12)
+    assert exact_auc(s, y) == pytest.approx(float(binary_auroc(s.sigmoid(), y)), abs=1e-6)
+    assert exact_auc(s, y, w) == pytest.approx(roc_auc_score(y.numpy(), s.numpy(), sample_weight=w.numpy()), abs=1e-12)
+    assert exact_auc(-s, y) == pytest.approx(1.0 - exact_auc(s, y), abs=1e-12)
 
 
 def test_overlap_at_k():

@@ -50,7 +50,7 @@ def test_checkpoint_without_fingerprint_loads_with_a_warning(workspace: rc.Works
 def test_run_dir_resolves_to_the_most_recently_written_checkpoint(tmp_path: Path) -> None:
     from dig_torchrec.config import DIGConfig
     from dig_torchrec.training.checkpoint import CheckpointManager
-    from dig_torchrec.training.loading import resolve_checkpoint
+    from dig_torchrec.inference import resolve_checkpoint
 
     cfg = DIGConfig()
     mgr = CheckpointManager(tmp_path, keep_latest_k=5, config=cfg)
@@ -127,7 +127,7 @@ def test_resume_from_an_earlier_step_continues_from_its_own_checkpoints(tmp_path
     is what --resume auto and `dig eval RUN` pick, and pruning keeps it."""
     from dig_torchrec.config import DIGConfig
     from dig_torchrec.training.checkpoint import CheckpointManager
-    from dig_torchrec.training.loading import resolve_checkpoint
+    from dig_torchrec.inference import resolve_checkpoint
 
     mgr = CheckpointManager(tmp_path, keep_latest_k=3, config=DIGConfig())
     for step in (10, 20, 30, 15):

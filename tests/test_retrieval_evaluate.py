@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dig_torchrec.config import load_config
+from dig_torchrec.config import apply_overrides, load_config
 from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.reader import load_targets
 from dig_torchrec.data.schema import FeatureSchema
@@ -20,7 +20,6 @@ from dig_torchrec.retrieval.beam_search import beam_search, exhaustive_leaf_sear
 from dig_torchrec.retrieval.evaluate import (
     FLAT_KEYS,
     UserBatchScorers,
-    apply_overrides,
     bundle_from_model,
     evaluate,
     format_table,

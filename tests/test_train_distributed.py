@@ -60,7 +60,7 @@ def test_two_rank_run_syncs_codebooks_and_reshards_to_one_process(tiny_dataset: 
     from dig_torchrec.model import DIGModel  # noqa: F401  (fail fast if the model is missing)
     from dig_torchrec.data.reader import ExposureReader
     from dig_torchrec.training.checkpoint import is_complete, read_train_state
-    from dig_torchrec.training.loading import load_for_inference
+    from dig_torchrec.inference import load_for_inference
 
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     run_driver(micro_overrides(tiny_dataset, run_dir, **{"train.max_steps": 12, "train.checkpoint_every": 6}), dump)
@@ -100,7 +100,7 @@ def test_two_rank_run_syncs_codebooks_and_reshards_to_one_process(tiny_dataset: 
 
 
 def _params(checkpoint: Path) -> dict:
-    from dig_torchrec.training.loading import load_for_inference
+    from dig_torchrec.inference import load_for_inference
 
     model, _, _ = load_for_inference(checkpoint)
     return {k: v.clone() for k, v in model.state_dict().items()}

@@ -136,6 +136,14 @@ def init_distributed(device_preference: str = "auto", timeout_s: Optional[int] =
     return env
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective of the current process group: this rank's
+    GPU under nccl, else the CPU (gloo, or no process group)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown(env: DistEnv) -> None:
     """Destroy the process group if :func:`init_distributed` created it."""
     if env.owns_process_group and dist.is_initialized():

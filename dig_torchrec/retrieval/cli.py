@@ -10,6 +10,10 @@ prints ranked items for the given user ids (their leave-last-out target rows of
 ``--split``) and optionally writes them to ``--out`` (``.json`` or ``.parquet``).
 
 ``DIR`` is a training checkpoint (``run/checkpoints/step-N``) or an export bundle.
+
+Flags, ``--out`` and overrides are checked before torch is imported, so a typo fails in a
+fraction of a second: the modules that import torch (evaluation, the checkpoint loader)
+are imported inside the ``run_*`` functions, after those checks, for that reason.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from dig_torchrec.config import DIGConfig, apply_overrides
 from dig_torchrec.errors import ConfigError, DataError
+from dig_torchrec.files import atomic_path, check_writable_parent
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +85,12 @@ def check_out_file(out: Optional[str], suffixes: Sequence[str], *, overwrite: bo
         raise ConfigError(f"--out {p}: is a directory; pass a file name")
     if p.exists() and not overwrite:
         raise ConfigError(f"--out {p}: already exists; choose a new file name or pass --force to replace it")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--out {p}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise ConfigError(f"--out {p}: directory {parent} is not writable")
-            break
+    check_writable_parent("--out", p)
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
     """Unknown keys, wrong types and malformed ``key=value`` overrides fail before any loading."""
-    from dig_torchrec.config import DIGConfig, _apply, parse_override
-
-    for o in overrides:
-        _apply(DIGConfig(), parse_override(o))
+    apply_overrides(DIGConfig(), overrides, check=False)
 
 
 def check_checkpoint_arg(path: str) -> None:
@@ -147,20 +143,14 @@ def _check_users_have_targets(checkpoint: str, overrides: Sequence[str], split: 
     Skipped when the checkpoint's config or dataset cannot be read here; the loader then
     names the problem.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # after the flag checks (see the module docstring)
 
-    from dig_torchrec.config import DIGConfig, _apply, parse_override
-    from dig_torchrec.training.checkpoint import check_dataset_fingerprint
-    from dig_torchrec.training.loading import resolve_checkpoint
+    from dig_torchrec.inference import resolve_checkpoint
+    from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
 
     ckpt = resolve_checkpoint(checkpoint)
     try:
-        import yaml
-
-        cfg = DIGConfig()
-        _apply(cfg, yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
-        for o in overrides:
-            _apply(cfg, parse_override(o))
+        cfg = apply_overrides(read_config(ckpt), overrides, check=False)
         path = Path(cfg.data.path) / "retrieval" / f"{split}.parquet"
         if not (Path(cfg.data.path) / "meta.json").is_file():
             return
@@ -226,19 +216,14 @@ def _write_records(records: List[Dict[str, Any]], path: Path, mode: str) -> None
     """Write atomically (a temp file renamed over ``path``)."""
     if path.suffix not in (".parquet", ".json"):
         raise DataError(f"--out {path}: use a .json or .parquet file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+    import pyarrow as pa  # after the flag checks (see the module docstring)
+    import pyarrow.parquet as pq
 
+    with atomic_path(path, mkdir=True) as tmp:
+        if path.suffix == ".parquet":
             pq.write_table(pa.Table.from_pylist(records), tmp)
         else:
             tmp.write_text(json.dumps({"mode": mode, "results": records}, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

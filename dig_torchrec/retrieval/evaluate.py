@@ -10,7 +10,7 @@ batch by user batch, doing the user-side work (e_u, history) once per batch;
   rank path, Eq. 17, with u2i from the target row's ``user_state``), exhaustive leaf search,
   full-corpus ranking and the popularity baseline;
 * beam fidelity@10 (beam top-10 vs exhaustive-leaf top-10);
-* rank AUC and recall AUC (per depth; the depth-L one is Table 4's) on the split's exposures;
+* exact rank AUC and recall AUC (per depth; the depth-L one is Table 4's) on the split's exposures;
 * the SID collision statistics.
 """
 
@@ -26,10 +26,17 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
 
-from dig_torchrec.config import DIGConfig, config_from_dict, parse_override
+from dig_torchrec.config import DIGConfig, apply_overrides
+from dig_torchrec.data.items import ItemTable
+from dig_torchrec.data.reader import ExposureReader, load_targets, open_dataset
 from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
+from dig_torchrec.data.u2i import U2IFunction
 from dig_torchrec.errors import CheckpointError, DataError
+from dig_torchrec.files import write_text_atomic
+from dig_torchrec.eval_loop import run_eval_loop
+from dig_torchrec.inference import load_for_inference, resolve_checkpoint
 from dig_torchrec.retrieval import metrics as M
 from dig_torchrec.retrieval.beam_search import (
     BeamResult,
@@ -39,6 +46,7 @@ from dig_torchrec.retrieval.beam_search import (
     rank_all_items,
 )
 from dig_torchrec.retrieval.sid_index import SidIndex
+from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,44 +62,17 @@ class InferenceBundle:
     cfg: DIGConfig
     meta: DatasetMeta
     schema: FeatureSchema
-    items: Any  # ItemTable
+    items: ItemTable
     index: SidIndex
     checkpoint: Path
     data_root: Path
     _item_repr: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def item_representation_all(self, batch_size: int = 4096) -> torch.Tensor:
-        """e_v of every item (Eq. 1), computed once and cached: ``[num_items, F, d]``."""
+        """e_v of every item (Eq. 1), computed once and cached: ``[num_items, F*d]``."""
         if self._item_repr is None:
-            ids = torch.arange(self.items.num_items)
-            with torch.no_grad():
-                parts = [self.model.item_representation(self.items.kjt(ids[i:i + batch_size]))
-                         for i in range(0, ids.numel(), batch_size)]
-            self._item_repr = torch.cat(parts)
+            self._item_repr = self.model.corpus_item_representations(self.items, batch_size)
         return self._item_repr
-
-
-def apply_overrides(cfg: DIGConfig, overrides: Sequence[str]) -> DIGConfig:
-    """A copy of ``cfg`` with dotted ``key=value`` overrides (e.g. ``eval.beam_size=128``).
-
-    Args:
-        cfg: the checkpoint's resolved config.
-        overrides: dotted overrides; unknown keys raise ConfigError.
-    """
-    d = cfg.to_dict()
-
-    def merge(dst: Dict[str, Any], src: Dict[str, Any]) -> None:
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "constraints":
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-
-    for o in overrides:
-        merge(d, parse_override(o))
-    if any(o.split("=", 1)[0].strip() == "run_dir" for o in overrides):
-        d["train"]["run_dir"] = d["run_dir"]
-    return config_from_dict(d)
 
 
 def load_inference_bundle(
@@ -107,12 +88,6 @@ def load_inference_bundle(
         rebuild_index: rebuild ``CKPT/sid_index`` even if one is saved.
         save_index: write a freshly built index next to the checkpoint.
     """
-    from dig_torchrec.training.loading import load_for_inference
-
-    from dig_torchrec.training.loading import resolve_checkpoint
-
-    from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
-
     ckpt = resolve_checkpoint(checkpoint)  # a run directory -> its newest complete checkpoint
     wanted = apply_overrides(read_config(ckpt), overrides)  # bad overrides / another dataset: fail before loading
     if (Path(wanted.data.path) / "meta.json").is_file():
@@ -140,20 +115,14 @@ def bundle_from_model(
         rebuild_index: rebuild the SID index even if saved.
         save_index: write a freshly built index.
     """
-    from dig_torchrec.data.items import ItemTable
-    from dig_torchrec.data.reader import open_dataset
-
     ckpt = Path(checkpoint)
     model.eval()
-    _set_u2t_inference(model, cfg.u2t.inference)
     root = Path(cfg.data.path)
     if not (root / "meta.json").exists():
         raise DataError(
             f"{root / 'meta.json'}: dataset of checkpoint {ckpt} not found (config key 'data.path' = "
             f"{cfg.data.path!r}; pass data.path=DIR to point at it)"
         )
-    from dig_torchrec.training.checkpoint import check_dataset_fingerprint
-
     check_dataset_fingerprint(ckpt, root)
     meta, schema = open_dataset(root, cfg.data)
     items = ItemTable.load(root, schema, meta)
@@ -162,14 +131,6 @@ def bundle_from_model(
         raise CheckpointError(f"{ckpt}: SID index covers {index.num_items} items but {root} has {items.num_items}")
     return InferenceBundle(model=model, cfg=cfg, meta=meta, schema=schema, items=items, index=index,
                            checkpoint=ckpt, data_root=root)
-
-
-def _set_u2t_inference(model: torch.nn.Module, mode: str) -> None:
-    """Make the model's own eval forward (exposure recall AUC) use ``mode`` as well."""
-    mcfg = getattr(model, "cfg", None)
-    if mcfg is not None and getattr(mcfg.u2t, "inference", mode) != mode:
-        logger.info("u2t inference mode overridden: %s -> %s", mcfg.u2t.inference, mode)
-        mcfg.u2t.inference = mode
 
 
 # ---------------------------------------------------------------------- user batches
@@ -214,8 +175,6 @@ class UserBatchScorers:
 
     def __init__(self, bundle: InferenceBundle, user_kjt: KeyedJaggedTensor, states: Any, state_offset: int,
                  u2t_mode: str) -> None:
-        from dig_torchrec.data.u2i import U2IFunction
-
         self.bundle = bundle
         self.model = bundle.model
         self.ctx = self.model.user_context(user_kjt)  # user-side work once per batch
@@ -279,8 +238,6 @@ def retrieve_topn(
         u2t_mode: u2t inference mode; default ``u2t.inference``.
         progress: show a tqdm bar.
     """
-    from tqdm import tqdm
-
     cfg = bundle.cfg
     modes = list(modes)
     bad = [m for m in modes if m not in MODES]
@@ -362,8 +319,8 @@ def retrieve_topn(
 
 # ---------------------------------------------------------------------- exposure AUCs
 def exposure_aucs(bundle: InferenceBundle, split: str, max_batches: int = 0, progress: bool = True) -> Dict[str, Any]:
-    """Rank AUC (Eq. 6/17) and recall AUC per depth (Eq. 7/16, u2t per ``u2t.inference``)
-    on the split's exposure rows, from the model's eval-mode forward.
+    """Exact rank AUC (Eq. 6/17) and recall AUC per depth (Eq. 7/16, u2t per ``u2t.inference``)
+    on the split's exposure rows, from the model's eval-mode forward (:func:`metrics.exact_auc`).
 
     Args:
         bundle: the loaded model bundle.
@@ -371,10 +328,6 @@ def exposure_aucs(bundle: InferenceBundle, split: str, max_batches: int = 0, pro
         max_batches: stop after this many batches (0: all).
         progress: show a tqdm bar.
     """
-    from tqdm import tqdm
-
-    from dig_torchrec.data.reader import ExposureReader
-
     reader = ExposureReader(bundle.data_root, split, bundle.cfg.data, bundle.schema, with_retrieval=False, shuffle=False)
     rank_logits: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
@@ -382,31 +335,31 @@ def exposure_aucs(bundle: InferenceBundle, split: str, max_batches: int = 0, pro
     recall: List[torch.Tensor] = []
     recall_labels: List[torch.Tensor] = []
     recall_weights: List[torch.Tensor] = []
+
+    def collect(out: Any) -> None:
+        rank_logits.append(out.rank_logits.float())
+        labels.append(out.labels.float())
+        weights.append(out.weights.float())
+        if out.recall_logits is not None and out.recall_logits.numel():
+            recall.append(out.recall_logits.float())
+            recall_labels.append(out.recall_labels.float())
+            recall_weights.append(out.recall_weights.float())
+
     model = bundle.model
-    model.eval()
+    u2t_mode = bundle.cfg.u2t.inference  # the recall path's u2t input (Eq. 16), as retrieval uses it
     total = reader.num_batches if not max_batches else min(max_batches, reader.num_batches)
-    with torch.no_grad():
-        for i, batch in enumerate(tqdm(reader, total=total, desc=f"{split} exposures", leave=False, disable=not progress)):
-            if max_batches and i >= max_batches:
-                break
-            _, out = model(batch)
-            rank_logits.append(out.rank_logits.float())
-            labels.append(out.labels.float())
-            weights.append(out.weights.float())
-            if out.recall_logits is not None and out.recall_logits.numel():
-                recall.append(out.recall_logits.float())
-                recall_labels.append(out.recall_labels.float())
-                recall_weights.append(out.recall_weights.float())
+    run_eval_loop(model, reader, total, lambda b: model.forward_parts(b, u2t_mode=u2t_mode).output, collect,
+                  progress=progress, desc=f"{split} exposures")
     if not rank_logits:
         raise DataError(f"{bundle.data_root / split}: no exposure rows to evaluate")
     res: Dict[str, Any] = {
-        "rank_auc": M.auc(torch.cat(rank_logits), torch.cat(labels), torch.cat(weights)),
+        "rank_auc": M.exact_auc(torch.cat(rank_logits), torch.cat(labels), torch.cat(weights)),
         "num_exposures": int((torch.cat(weights) > 0).sum()),
     }
     if recall:
         logits = torch.cat(recall, dim=1)  # [L, N]
         ylab, w = torch.cat(recall_labels), torch.cat(recall_weights)
-        per_layer = [M.auc(logits[l], ylab, w) for l in range(logits.shape[0])]
+        per_layer = [M.exact_auc(logits[l], ylab, w) for l in range(logits.shape[0])]
         res["recall_auc_per_layer"] = per_layer
         res["recall_auc"] = per_layer[-1]
     else:
@@ -448,8 +401,6 @@ def evaluate(
         max_exposure_batches: cap on exposure batches (0: all).
         progress: show progress bars.
     """
-    from dig_torchrec.data.reader import load_targets
-
     cfg = bundle.cfg
     if split not in ("test", "valid"):
         raise DataError(f"split must be 'test' or 'valid', got {split!r}")
@@ -513,7 +464,7 @@ def format_table(res: Dict[str, Any]) -> str:
     lines = [f"split={res.get('split')}  users={res.get('num_users')}  candidates={res.get('candidates')}  "
              f"beam={res.get('beam_size')}  u2t={res.get('u2t_inference')}"]
     lines.append(f"rank AUC {f(res.get('rank_auc'))}   recall AUC {f(res.get('recall_auc'))}   "
-                 f"gap {f(res.get('recall_rank_auc_gap'))}")
+                 f"gap {f(res.get('recall_rank_auc_gap'))}   (exact AUCs)")
     ks = sorted({int(k.split('@')[1]) for k in res if k.startswith("recall@")})
     header = f"{'method':<22}" + "".join(f"{'R@' + str(k):>9}{'N@' + str(k):>9}" for k in ks)
     lines.append(header)
@@ -539,8 +490,4 @@ def write_json(res: Dict[str, Any], path: str | Path) -> None:
             return [clean(v) for v in x]
         return x
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(clean(res), indent=2))
-    tmp.replace(p)
+    write_text_atomic(path, json.dumps(clean(res), indent=2), mkdir=True)

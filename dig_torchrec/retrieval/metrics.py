@@ -21,6 +21,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from dig_torchrec.retrieval.beam_search import top_items_from_scores
+
 
 def target_ranks(ranked_items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based position of each user's target in its ranked list; 0 if it is absent.
@@ -80,8 +82,10 @@ def retrieval_metrics(ranked_items: torch.Tensor, targets: torch.Tensor, ks: Ite
     return out
 
 
-def auc(scores: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None) -> float:
-    """Area under the ROC curve, ties counted one half, optionally sample-weighted.
+def exact_auc(scores: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None) -> float:
+    """Exact area under the ROC curve (every distinct score its own threshold), ties counted
+    one half, optionally sample-weighted. ``dig eval`` reports it; training validation uses
+    the binned, all-reduced :class:`dig_torchrec.training.metrics.BinnedAUC` instead.
 
     Args:
         scores: ``[N]`` logits or probabilities (any monotone transform gives the same AUC).
@@ -137,8 +141,6 @@ def popularity_ranking(popularity: torch.Tensor, num_users: int, topn: int, excl
     Returns:
         ``[U, topn]`` ranked item ids.
     """
-    from dig_torchrec.retrieval.beam_search import top_items_from_scores
-
     V = popularity.numel()
     if exclude is None or exclude.numel() == 0:
         items, _ = top_items_from_scores(popularity.float().unsqueeze(0), topn)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from dig_torchrec.data.batch import DIGBatch
 from dig_torchrec.data.schema import ITEM_ID, LABEL, FeatureSchema
+from dig_torchrec.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,7 @@ class RowAccounting:
             "resumed_at": self._resumed_at,
             "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
         }
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + ".part")
-        tmp.write_text(json.dumps(records, indent=2))
-        os.replace(tmp, self._path)
+        write_text_atomic(self._path, json.dumps(records, indent=2), mkdir=True)
         if self._rows != self._reader.rows or not self._exact:
             logger.warning("rank %d epoch %d: %d rows consumed of %d in this rank's share (exact=%s)",
                            self._reader.rank, self._epoch, self._rows, self._reader.rows, self._exact)

@@ -59,7 +59,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dig_torchrec.config import DIGConfig, config_from_dict, flatten, save_config
 from dig_torchrec.data.schema import DatasetMeta
+from dig_torchrec.distributed.env import collective_device
 from dig_torchrec.errors import CheckpointError, ConfigError, DIGError, NumericalError, interrupted
+from dig_torchrec.files import write_text_atomic
 from dig_torchrec.training.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -273,15 +275,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_run_dir(run_dir: str | Path, min_free_mb: int) -> None:
@@ -611,7 +604,7 @@ def write_dataset_fingerprint(directory: Path, data_root: str | Path) -> None:
     except (DIGError, OSError) as e:
         logger.warning("no dataset fingerprint in %s: %s", directory, e)
         return
-    _write_text_atomic(directory / DATASET_FINGERPRINT_FILE, json.dumps(fp, indent=2))
+    write_text_atomic(directory / DATASET_FINGERPRINT_FILE, json.dumps(fp, indent=2), fsync=True)
 
 
 class CheckpointManager:
@@ -763,8 +756,8 @@ class CheckpointManager:
                 "time": time.time(),
                 "extra": facts,
             }
-            _write_text_atomic(tmp / TRAIN_STATE_FILE, json.dumps(info, indent=2, default=float))
-            _write_text_atomic(tmp / COMPLETE, f"step {step}\n")
+            write_text_atomic(tmp / TRAIN_STATE_FILE, json.dumps(info, indent=2, default=float), fsync=True)
+            write_text_atomic(tmp / COMPLETE, f"step {step}\n", fsync=True)
             _fsync_dir(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
@@ -780,7 +773,7 @@ class CheckpointManager:
         bad = _all_finite([t for _, t in tensors])
         flag = torch.tensor([0 if bad is None else 1], dtype=torch.int32)
         if dist.is_initialized() and self.world_size > 1:
-            reduced = flag.to(_collective_device())
+            reduced = flag.to(collective_device())
             dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
             flag = reduced.cpu()
         if int(flag.item()):
@@ -800,8 +793,8 @@ class CheckpointManager:
             if tmp.is_symlink() or tmp.exists():
                 tmp.unlink()
             os.symlink(Path(path).name, tmp)
-            _write_text_atomic(self.dir / BEST_FILE, json.dumps(
-                {"checkpoint": Path(path).name, "step": step, "metric": metric, "value": value}, indent=2))
+            write_text_atomic(self.dir / BEST_FILE, json.dumps(
+                {"checkpoint": Path(path).name, "step": step, "metric": metric, "value": value}, indent=2), fsync=True)
             os.replace(tmp, link)
             _fsync_dir(self.dir)
             logger.info("best checkpoint by %s = %.4f: %s", metric, value, path)
@@ -898,7 +891,3 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def _collective_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -8,6 +8,11 @@ Also a module entry point, so launchers can run it directly::
 
 Each process reads its rank from the launcher's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``); without a launcher it trains as a world of one.
+
+The config, the dataset's ``meta.json`` and the run directory are checked before
+torch/torchrec/fbgemm are imported, so a typo fails in well under a second: the trainer,
+preflight and retrieval validator (which import torch) are imported inside
+:func:`run_train`, after those checks, for that reason.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dig_torchrec.errors import ConfigError, DIGError
+from dig_torchrec.cli import setup_logging
+from dig_torchrec.config import load_config
+from dig_torchrec.data.schema import DatasetMeta
+from dig_torchrec.errors import ConfigError, DIGError, interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +133,6 @@ def run_train(args: argparse.Namespace) -> int:
     The config, the dataset's ``meta.json`` and the run directory are checked before
     torch/torchrec/fbgemm are imported, so a typo fails in well under a second.
     """
-    from dig_torchrec.config import load_config
-    from dig_torchrec.data.schema import DatasetMeta
-
     _quiet_other_ranks()
     cfg = load_config(args.config, args.overrides)
     resume = None if args.resume in (None, "", "none") else args.resume
@@ -135,12 +140,11 @@ def run_train(args: argparse.Namespace) -> int:
     DatasetMeta.load(cfg.data.path)  # a wrong data.path fails here, before the heavy imports
     check_fresh_start(cfg.train.run_dir, resume, fresh)
 
-    from dig_torchrec.retrieval.validation import RetrievalValidator
+    from dig_torchrec.retrieval.validation import RetrievalValidator  # after the checks: these import torch
+    from dig_torchrec.training.preflight import run_preflight
     from dig_torchrec.training.trainer import Trainer
 
     if fresh and os.environ.get("RANK", "0") in ("", "0"):
-        from dig_torchrec.training.preflight import run_preflight
-
         run_preflight(cfg)  # every check passes before anything of the old run is deleted
         clear_run_dir(cfg.train.run_dir)
     trainer = Trainer(cfg, resume=resume, retrieval_validator=RetrievalValidator)
@@ -157,9 +161,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dig_torchrec.cli import setup_logging
-    from dig_torchrec.errors import interrupted
-
     setup_logging(args.verbose)
     try:
         return run_train(args)

@@ -34,6 +34,7 @@ from typing import Iterable, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from dig_torchrec.distributed.env import collective_device
 from dig_torchrec.errors import NumericalError
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,13 @@ def nonfinite_terms(losses: Mapping[str, torch.Tensor]) -> List[str]:
     return [name for name, f in zip(losses, nonfinite_flags(losses).tolist()) if f]
 
 
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def any_rank(flags: torch.Tensor) -> torch.Tensor:
     """Element-wise MAX of an int flag vector over every rank (identity on one process).
 
     The result stays on the collective's device (no host copy): read it once.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        reduced = flags.to(_collective_device())
+        reduced = flags.to(collective_device())
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         return reduced
     return flags

@@ -26,21 +26,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from dig_torchrec.distributed.env import collective_device
+
 logger = logging.getLogger(__name__)
 
 AUC_THRESHOLDS = 4096  # histogram bins of each AUC (score resolution 2.4e-4)
 
 
-def _reduce_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (a no-op in a world of one)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        out = t.to(_reduce_device())
+        out = t.to(collective_device())
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.cpu()
     return t
@@ -311,7 +307,7 @@ class MetricsLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
             if tensorboard:
-                try:
+                try:  # optional: TensorBoard may be missing or broken; training goes on without it
                     from torch.utils.tensorboard import SummaryWriter
 
                     self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
@@ -330,7 +326,8 @@ class MetricsLogger:
             rec = {"kind": kind, "step": step, **{k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}}
             self._jsonl.write(json.dumps(rec) + "\n")
             self._jsonl.flush()
-        logger.info("%s step %d: %s", kind, step, format_metrics(values))
+        binned = " (AUCs binned, %d bins)" % AUC_THRESHOLDS if any(k.endswith("auc") for k in values) else ""
+        logger.info("%s step %d%s: %s", kind, step, binned, format_metrics(values))
 
     def close(self) -> None:
         if self._writer is not None:

@@ -15,74 +15,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-import torchrec.optim as trec_optim
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dig_torchrec.config import TrainConfig
-from dig_torchrec.errors import ConfigError, NumericalError
+from dig_torchrec.distributed.env import collective_device
+# the fused sparse optimizer is wired with the sharding (distributed/sharding.py); re-exported here
+from dig_torchrec.distributed.sharding import attach_sparse_optimizer, embedding_parameters, sparse_optimizer_spec  # noqa: F401
+from dig_torchrec.errors import NumericalError
 
 logger = logging.getLogger(__name__)
-
-# train.sparse_optimizer -> (torchrec optimizer class, devices whose fused kernel supports it)
-_SPARSE_OPTIMIZERS: Dict[str, Tuple[Type[torch.optim.Optimizer], Tuple[str, ...]]] = {
-    "rowwise_adagrad": (trec_optim.RowWiseAdagrad, ("cpu", "cuda")),
-    "sgd": (trec_optim.SGD, ("cpu", "cuda")),
-    "adam": (trec_optim.Adam, ("cuda",)),  # FBGEMM's CPU TBE has no Adam
-}
-
-
-def sparse_optimizer_spec(cfg: TrainConfig, device_type: str) -> Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]:
-    """The fused optimizer class and kwargs for the embedding tables.
-
-    Args:
-        cfg: the ``train`` config section (``sparse_optimizer``, ``sparse_lr``).
-        device_type: ``cpu`` or ``cuda``.
-    """
-    if cfg.sparse_optimizer not in _SPARSE_OPTIMIZERS:
-        raise ConfigError(
-            f"config key 'train.sparse_optimizer' = {cfg.sparse_optimizer!r}; must be one of {', '.join(_SPARSE_OPTIMIZERS)}"
-        )
-    cls, devices = _SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
-    if device_type not in devices:
-        raise ConfigError(
-            f"config key 'train.sparse_optimizer' = {cfg.sparse_optimizer!r} has no fused {device_type.upper()} kernel "
-            f"in FBGEMM; on {device_type} use rowwise_adagrad or sgd"
-        )
-    kwargs: Dict[str, Any] = {"lr": cfg.sparse_lr}
-    if cfg.sparse_optimizer == "rowwise_adagrad":
-        kwargs["eps"] = 1e-8
-    return cls, kwargs
-
-
-def embedding_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Parameters of every EmbeddingBagCollection in ``model`` (the sparse side)."""
-    params: List[nn.Parameter] = []
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            params.extend(module.parameters())
-    return params
-
-
-def attach_sparse_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> None:
-    """Fuse the sparse optimizer into the embedding tables' backward (before sharding).
-
-    Args:
-        model: the unsharded model (may be on ``meta``).
-        cfg: the ``train`` config section.
-        device_type: ``cpu`` or ``cuda``.
-    """
-    cls, kwargs = sparse_optimizer_spec(cfg, device_type)
-    apply_optimizer_in_backward(cls, embedding_parameters(model), kwargs)
-
 
 class GuardedOptimizer(OptimizerWrapper):
     """Checks dense gradients for NaN/inf before stepping (``train.nan_policy``).
@@ -131,8 +79,7 @@ class GuardedOptimizer(OptimizerWrapper):
         if self.skip_next:
             flag = torch.ones_like(flag)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-            flag = flag.to(dev)
+            flag = flag.to(collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag.item()):  # the step's one host sync in the dense optimizer
             bad = self._first_bad_grad()

@@ -19,6 +19,7 @@ from torch import nn
 
 from dig_torchrec.config import TrainConfig
 from dig_torchrec.errors import ConfigError
+from dig_torchrec.modules.mixer import Mixer
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ def configure_precision(model: nn.Module, cfg: TrainConfig, device: torch.device
         cfg: the ``train`` config section.
         device: this process's compute device.
     """
-    from dig_torchrec.modules.mixer import Mixer
-
     dtype = autocast_dtype(cfg.precision)
     for m in model.modules():
         if isinstance(m, Mixer):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -40,7 +41,11 @@ import torch
 from dig_torchrec.config import DIGConfig, validate
 from dig_torchrec.data.reader import assign_slots, list_row_groups, open_dataset
 from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
+from dig_torchrec.distributed.planner import embedding_tables, resolve_sharding_types
 from dig_torchrec.errors import ConfigError
+from dig_torchrec.model import DIGModel
+from dig_torchrec.modules.balanced_kmeans import check_catalog_fits
+from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible, check_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +80,6 @@ def _device_type(preference: str) -> str:
 
 def check_catalog(cfg: DIGConfig, meta: DatasetMeta) -> None:
     """K^L >= catalog size: the SID tree must have a leaf for every item (paper §3.2)."""
-    from dig_torchrec.modules.balanced_kmeans import check_catalog_fits
-
     check_catalog_fits(meta.num_items, cfg.tokenizer.num_codes, cfg.tokenizer.num_layers)
 
 
@@ -95,9 +98,6 @@ def check_sharding_constraints(cfg: DIGConfig, meta: DatasetMeta, device_type: s
 
     Builds the model on ``meta`` (no memory) only to learn its table names.
     """
-    from dig_torchrec.distributed.planner import embedding_tables, resolve_sharding_types
-    from dig_torchrec.model import DIGModel
-
     model = DIGModel(cfg, meta, device="meta")
     resolve_sharding_types(cfg.sharding, embedding_tables(model), device_type)
 
@@ -269,8 +269,6 @@ def check_resume(cfg: DIGConfig, meta: DatasetMeta, resume: Optional[str]) -> Op
     Raises :class:`CheckpointError` for a missing or incomplete directory and for a
     checkpoint whose model keys (shapes) or table sizes differ, naming the key.
     """
-    from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible
-
     path = CheckpointManager(cfg.train.run_dir, cfg.train.keep_latest_k).resolve(resume)
     if path is not None:
         check_compatible(path, cfg, meta, for_training=True)
@@ -282,10 +280,6 @@ def check_run_dir_writable(cfg: DIGConfig) -> int:
 
     Returns the free space in MB.
     """
-    import shutil
-
-    from dig_torchrec.training.checkpoint import check_run_dir
-
     check_run_dir(cfg.train.run_dir, cfg.train.min_free_disk_mb)
     return int(shutil.disk_usage(cfg.train.run_dir).free // (1 << 20))
 

@@ -37,9 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingEnv
 from tqdm import tqdm
 
 from dig_torchrec.config import DIGConfig, save_config
@@ -49,21 +47,21 @@ from dig_torchrec.data.schema import DatasetMeta, FeatureSchema
 from dig_torchrec.distributed.env import DistEnv, init_distributed, shutdown
 from dig_torchrec.distributed.planner import (
     check_sharding_config,
-    default_sharders,
     describe_plan,
     feature_pooling_factors,
-    plan_sharding,
     plan_sharding_types,
 )
+from dig_torchrec.distributed.sharding import shard_model
 from dig_torchrec.distributed.shared_fs import broadcast_from_rank0, check_shared_run_dir
 from dig_torchrec.distributed.sync import average_batchnorm_stats
 from dig_torchrec.errors import ConfigError, NumericalError
+from dig_torchrec.eval_loop import run_eval_loop
 from dig_torchrec.model import DIGModel, DIGOutput
 from dig_torchrec.training.checkpoint import CheckpointManager, check_compatible, check_run_dir, check_sharding
 from dig_torchrec.training import accounting, faults, preflight
 from dig_torchrec.training.guards import check_loss_terms
 from dig_torchrec.training.metrics import AUCSet, MeanSet, MetricsLogger, TrainMetrics, format_metrics, output_scalars
-from dig_torchrec.training.optim import LinearWarmup, attach_sparse_optimizer, build_optimizer, sparse_optimizer_spec
+from dig_torchrec.training.optim import LinearWarmup, build_optimizer, sparse_optimizer_spec
 from dig_torchrec.training.precision import configure_precision
 
 logger = logging.getLogger(__name__)
@@ -217,37 +215,16 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same dense init on every rank
         self.meta, self.schema = open_dataset(cfg.data.path, cfg.data)
         model = DIGModel(cfg, self.meta, device="meta")
-        attach_sparse_optimizer(model, cfg.train, env.device.type)
         self.train_reader = accounting.RowAccounting(ExposureReader(
             cfg.data.path, "train", cfg.data, self.schema, rank=env.rank, world_size=env.world_size
         ), self.run_dir, self.schema)  # per-epoch row counts + fingerprint (training/accounting.py)
         # the planner's cost model: every row of a step (B exposure + R retrieval rows) and the
         # ids per row of each feature
         rows_per_step = cfg.data.batch_size + self.train_reader.retrieval_size
-        self.plan = plan_sharding(
-            model,
-            cfg.sharding,
-            env.device,
-            env.world_size,
-            env.local_world_size,
-            rows_per_step,
-            pg=env.process_group,
-            pooling=feature_pooling_factors(model),
-        )
+        self.model, self.plan = shard_model(model, cfg, env, rows_per_step, pooling=feature_pooling_factors(model))
         self.sharding_types = plan_sharding_types(self.plan)
         if self.is_rank0:
             logger.info("%s", describe_plan(self.plan))
-        self.model = DistributedModelParallel(
-            module=model,
-            env=ShardingEnv.from_process_group(env.process_group),
-            device=env.device,
-            plan=self.plan,
-            sharders=default_sharders(),
-            # every dense parameter is in the graph on every step (DIGModel weights the recall-side
-            # terms 0 before tokenizer init instead of dropping them), so DDP needs no unused-
-            # parameter search; static_graph stays off because eval/init calls interleave with steps
-            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False),
-        )
         self.optimizer, self.dense_optimizer = build_optimizer(self.model, cfg.train)
         self.warmup = LinearWarmup(self.optimizer, cfg.train.warmup_steps)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_latest_k, rank=env.rank,
@@ -377,11 +354,7 @@ class Trainer:
         ids = torch.where(ids < n, ids, torch.zeros_like(ids))
         was_training = self.model.training
         self.model.eval()
-        parts = []
-        for start in range(0, per_rank, chunk_size):
-            chunk = ids[start : start + chunk_size]
-            parts.append(self.dig.item_representation(items.kjt(chunk).to(self.env.device)).flatten(1))
-        local = torch.cat(parts)  # [per_rank, F*d]
+        local = self.dig.corpus_item_representations(items, chunk_size, ids=ids)  # [per_rank, F*d]
         if world > 1:
             gathered = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(gathered, local.contiguous())
@@ -411,22 +384,22 @@ class Trainer:
         limit = max_batches if max_batches is not None else cfg.train.val_max_batches
         n_batches = reader.num_batches if not limit else min(limit, reader.num_batches)
         average_batchnorm_stats(self.model)  # eval mode reads them: same values on every rank
-        aucs, means = AUCSet(cfg.tokenizer.num_layers), MeanSet()
+        aucs, means = AUCSet(cfg.tokenizer.num_layers), MeanSet()  # binned AUCs (training/metrics.py)
         keys: List[str] = []
-        was_training = self.model.training
-        self.model.eval()
-        t0 = time.perf_counter()
-        it = iter(reader)
-        for _ in range(n_batches):
-            batch = next(it).to(self.env.device)
-            _, out = self.model(batch)
+
+        def accumulate(out: DIGOutput) -> None:
             aucs.update(out)
             scalars = {k: v for k, v in output_scalars(out).items() if k.startswith("loss/")}
-            keys = keys or sorted(scalars)
+            keys[:] = keys or sorted(scalars)
             means.update(scalars)
+
+        was_training = self.model.training
+        t0 = time.perf_counter()
+        run_eval_loop(self.model, reader, n_batches, lambda b: self.model(b)[1], accumulate, device=self.env.device)
         result = {f"valid/{k}": v for k, v in aucs.compute().items()}
         result.update({f"valid/{k}": v for k, v in means.compute(keys).items()})
         if self.retrieval_check is not None and self.dig.tokenizer.is_initialized:
+            self.model.eval()  # the check scores with the model's eval-mode forward
             result.update({f"valid/{k}": v for k, v in self.retrieval_check(self.dig).items()})
         result["valid/seconds"] = time.perf_counter() - t0
         self.model.train(was_training)

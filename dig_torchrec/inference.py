@@ -1,4 +1,4 @@
-"""Load a training checkpoint as a plain, single-process model for inference.
+"""Load a training checkpoint or a serving bundle as a plain, single-process model for inference.
 
 Evaluation, retrieval and export need neither a process group nor the training plan:
 ``load_for_inference`` builds an unsharded :class:`DIGModel` from the checkpoint's own
@@ -23,9 +23,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dig_torchrec.config import DIGConfig
+from dig_torchrec.config import DIGConfig, apply_overrides
 from dig_torchrec.data.schema import DatasetMeta
-from dig_torchrec.errors import CheckpointError
+from dig_torchrec.errors import CheckpointError, interrupted
+from dig_torchrec.export.bundle import MANIFEST_FILE, verify_bundle
+from dig_torchrec.model import DIGModel
 from dig_torchrec.training.checkpoint import (
     CheckpointManager,
     check_finite_state,
@@ -34,6 +36,7 @@ from dig_torchrec.training.checkpoint import (
     is_complete,
     read_config,
     read_dataset_meta,
+    read_dcp_metadata,
     read_train_state,
     verify_checkpoint_files,
 )
@@ -78,15 +81,13 @@ def verify_artifact(path: Path) -> None:
     Args:
         path: a resolved checkpoint or bundle directory.
     """
-    from dig_torchrec.export import MANIFEST_FILE, verify_bundle
-
     bundle = (path / MANIFEST_FILE).exists()
     if bundle:
         verify_bundle(path)
     verify_checkpoint_files(path, deep=not bundle)  # a bundle's bytes are covered by the sha256 already
 
 
-def check_tokenizer_initialized(model: Optional["DIGModel"], cfg: DIGConfig, path: Path,  # noqa: F821
+def check_tokenizer_initialized(model: Optional[DIGModel], cfg: DIGConfig, path: Path,
                                 initialized: Optional[bool] = None) -> None:
     """Refuse a checkpoint saved before tokenizer init: every item would share one SID.
 
@@ -105,13 +106,8 @@ def check_tokenizer_initialized(model: Optional["DIGModel"], cfg: DIGConfig, pat
         step = read_train_state(path).get("step", "?")
     except CheckpointError:
         step = "?"
-    if step == "?":
-        from dig_torchrec.export import MANIFEST_FILE
-
-        if (path / MANIFEST_FILE).is_file():
-            import json
-
-            step = json.loads((path / MANIFEST_FILE).read_text()).get("step", "?")
+    if step == "?" and (path / MANIFEST_FILE).is_file():
+        step = json.loads((path / MANIFEST_FILE).read_text()).get("step", "?")
     raise CheckpointError(
         f"{path}: saved at step {step}, before the tokenizer was initialized (tokenizer.init_after_steps="
         f"{cfg.tokenizer.init_after_steps}); its SIDs are meaningless: train past step "
@@ -137,8 +133,6 @@ def check_saved_tokenizer(path: Path, cfg: DIGConfig) -> None:
         path: a resolved checkpoint or bundle directory.
         cfg: its stored config.
     """
-    from dig_torchrec.training.checkpoint import read_dcp_metadata
-
     if TOKENIZER_FLAG not in read_dcp_metadata(path).state_dict_metadata:
         return
     flag = {TOKENIZER_FLAG.split(".", 1)[1]: torch.zeros((), dtype=torch.long)}
@@ -168,7 +162,7 @@ def load_for_inference(
     *,
     require_tokenizer: bool = False,
     verify: bool = True,
-) -> Tuple["DIGModel", DIGConfig, DatasetMeta]:  # noqa: F821
+) -> Tuple[DIGModel, DIGConfig, DatasetMeta]:
     """Single-process, unsharded DIG model in eval mode, with its config and dataset metadata.
 
     Args:
@@ -181,16 +175,10 @@ def load_for_inference(
             ``dig retrieve`` and ``dig export`` do).
         verify: check the files first (:func:`verify_artifact`).
     """
-    from dig_torchrec.config import _apply, parse_override, validate  # config helpers (lead's module)
-    from dig_torchrec.model import DIGModel
-
     path = resolve_checkpoint(checkpoint_dir)
     if verify:
         verify_artifact(path)
-    cfg = read_config(path)
-    for o in overrides:
-        _apply(cfg, parse_override(o))
-    validate(cfg)
+    cfg = apply_overrides(read_config(path), overrides)
     if require_tokenizer:
         check_saved_tokenizer(path, cfg)
     meta = read_dataset_meta(path)
@@ -200,8 +188,6 @@ def load_for_inference(
     try:
         _load_no_dist({"model": state}, path)
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-        from dig_torchrec.errors import interrupted
-
         if interrupted(e):
             raise KeyboardInterrupt from e
         raise dcp_load_error(path, e) from e
