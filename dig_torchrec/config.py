@@ -103,6 +103,9 @@ class ModelConfig:
     # uniform(-r, r) init of every embedding table; 0 = torchrec's +-sqrt(1/rows), which makes a
     # 40K-row item_id table ~60x smaller than a 10-row feature table inside the VQ encoder
     embedding_init_range: float = 0.05
+    # DIN keys (both paths): each history item's item_id embedding, plus (true) the sum of its SID tokens'
+    # embeddings from table hist_sid (L*K rows, width d), so history items sharing a SID prefix share that part
+    history_sid: bool = False
 
 
 @dataclass

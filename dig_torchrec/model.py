@@ -71,6 +71,7 @@ __all__ = ["DIGModel", "DIGOutput", "DIGForward", "StepParts", "StepUpdate", "Us
 
 SID_TABLE = "sid"
 SID_PREFIX_TABLE = "sid_prefix"  # tokenizer.sid_embedding=sum+prefix: hashed (c_1..c_l) embeddings
+HISTORY_SID_TABLE = "hist_sid"  # model.history_sid: SID-token embeddings of the history items (DIN keys)
 _PREFIX_HASH_MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # 64-bit golden-ratio multiplier, as a signed int64
 
 
@@ -99,6 +100,11 @@ def hash_prefix(prefix: torch.Tensor, num_codes: int, buckets: int) -> torch.Ten
     mixed = (encode_prefix(prefix, num_codes) + depth * 0x632BE5AB) * _PREFIX_HASH_MULT
     mixed = mixed ^ (mixed >> 29)
     return torch.remainder(mixed, buckets)
+
+
+def history_sid_key(position: int) -> str:
+    """Feature name of the SID bag of history position ``position`` (table ``hist_sid``)."""
+    return f"hist_sid_{position}"
 
 
 def sid_prefix_key(layer: int) -> str:
@@ -293,6 +299,15 @@ class DIGModel(nn.Module):
             ))
         if not rank_only:
             self.sid_embedding_bags = EmbeddingBagCollection(tables=sid_tables, device=device)
+        # model.history_sid: a DIN key is the history item's item_id embedding + the sum of its SID tokens'
+        # embeddings, so history items that share a SID prefix share that part of their key
+        self.history_sid = cfg.model.history_sid and bool(self.history_keys) and not rank_only
+        if self.history_sid:
+            self.history_sid_bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name=HISTORY_SID_TABLE, embedding_dim=d, num_embeddings=tok.num_layers * tok.num_codes,
+                feature_names=[history_sid_key(j) for j in range(len(self.history_keys))],
+                pooling=PoolingType.SUM, **init,
+            )], device=device)
         self._all_keys: List[str] = self.schema.keys
 
         # --- tokenizer (Eq. 1-4) ---
@@ -338,6 +353,35 @@ class DIGModel(nn.Module):
     def _embed(self, kjt: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
         """The one ``embedding_bags`` call: pooled ``[rows, d]`` per feature key."""
         return self.embedding_bags(kjt).to_dict()
+
+    def _history(self, kjt: KeyedJaggedTensor, pooled: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """DIN keys ``[rows, H, d]``: the history items' item_id embeddings (+ their SID part, ``model.history_sid``)."""
+        if not self.history_keys:
+            return pooled[self.user_keys[0]].new_zeros(kjt.stride(), 0, self.embedding_dim)
+        hist = torch.stack([pooled[k] for k in self.history_keys], 1)
+        if self.history_sid:
+            hist = hist + self._history_sid_embeddings(kjt)
+        return hist
+
+    def _history_sid_embeddings(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """``[rows, H, d]``: sum over l of hist_sid[(l-1)K + c_l] for each history item's SID c (from
+        ``tokenizer.item_sid_table``); zero where the position is empty or the item has no SID yet."""
+        table = self.tokenizer.item_sid_table  # [V, L], -1 = no SID yet (before init)
+        rows, L = kjt.stride(), self.num_layers
+        offsets = torch.arange(L, device=table.device) * self.num_codes
+        keys, values, lengths = [], [], []
+        for j, key in enumerate(self.history_keys):
+            jt = kjt[key]  # a bag of 0 or 1 item ids per row
+            present = jt.lengths() > 0
+            sids = table[jt.values()]  # [n_j, L]
+            known = (sids >= 0).all(-1)
+            length = torch.zeros(rows, dtype=torch.int32, device=table.device)
+            length[present] = known.to(torch.int32) * L
+            keys.append(history_sid_key(j))
+            values.append((sids[known] + offsets).reshape(-1))
+            lengths.append(length)
+        pooled = self.history_sid_bags(make_kjt(keys, values, lengths)).to_dict()
+        return torch.stack([pooled[history_sid_key(j)] for j in range(len(self.history_keys))], 1)
 
     def _history_mask(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """``[rows, H]`` True where hist_j has a click (bag length > 0)."""
@@ -466,10 +510,7 @@ class DIGModel(nn.Module):
         pooled_dict = (pooled if pooled is not None else self.embedding_bags(kjt)).to_dict()
         e_u = torch.cat([pooled_dict[k] for k in self.user_keys], -1)  # [B+R, F_u*d]
         item_fields = torch.stack([pooled_dict[k] for k in self.encoder_keys], 1)  # [B+R, F_enc, d]
-        if self.history_keys:
-            hist = torch.stack([pooled_dict[k] for k in self.history_keys], 1)  # [B+R, H, d]
-        else:
-            hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
+        hist = self._history(kjt, pooled_dict)  # [B+R, H, d] DIN keys
         hist_mask = self._history_mask(kjt)
         if self.rank_only:  # Eq. 1 and Eq. 6 on the exposure rows; the retrieval rows are ignored
             e_v = self.tokenizer.encode(item_fields[:B])
@@ -675,10 +716,7 @@ class DIGModel(nn.Module):
         kjt = self._complete_kjt(user_kjt)
         pooled = self._embed(kjt)
         e_u = torch.cat([pooled[k] for k in self.user_keys], -1)
-        if self.history_keys:
-            hist = torch.stack([pooled[k] for k in self.history_keys], 1)
-        else:
-            hist = e_u.new_zeros(e_u.shape[0], 0, self.embedding_dim)
+        hist = self._history(kjt, pooled)
         return UserContext(e_u, self.bn_u(e_u), hist, self._history_mask(kjt))
 
     @torch.no_grad()
