@@ -62,6 +62,7 @@ class Variant:
     note: str = ""
     eval_flags: Sequence[str] = ()  # extra `dig eval` flags
     optional: bool = False  # only run when named in --only (not one of the paper's tables)
+    checkpoint: str = "latest"  # latest | best: which checkpoint of the run `dig eval` reads (best = checkpoints/best)
 
 
 LEVERS: List[tuple] = [
@@ -87,7 +88,15 @@ LEVERS: List[tuple] = [
     ("lever: Gumbel assignment (decay 200 steps)", ["tokenizer.assignment=gumbel", "tokenizer.gumbel_decay_steps=200"]),
     ("lever: prefix-conditioned SID embedding", ["tokenizer.sid_embedding=sum+prefix"]),
     ("lever: 4 epochs", ["train.epochs=4"]),
+    ("lever: SID-token history keys", ["model.history_sid=true"]),
+    # model selection by retrieval: validate beam R@10 on 1,024 valid users each epoch, evaluate checkpoints/best
+    ("lever: 4 epochs, best by valid R@10", ["train.epochs=4", "train.select_metric=recall@10",
+                                             "train.val_retrieval_users=1024"]),
+    ("lever: 4 epochs, best by valid R@10, SID-token history keys",
+     ["train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024", "model.history_sid=true"]),
 ]
+# levers evaluated on their run's checkpoints/best (train.select_metric) instead of the last checkpoint
+BEST_CHECKPOINT_LEVERS = {name for name, train in LEVERS if "train.select_metric=recall@10" in train}
 
 VARIANTS: List[Variant] = [
     Variant("DIG"),
@@ -109,7 +118,8 @@ VARIANTS: List[Variant] = [
     Variant("DIG, exclude history", reuse="DIG", eval_flags=("--exclude-history",), note="protocol"),
     # the retrieval-quality levers (dig_torchrec/losses.py, README "Recall objective ..."): each row sets
     # one lever against the configured default, so the rows stay meaningful whatever the default is
-    *[Variant(name, train=tuple(train), note="lever", optional=True) for name, train in LEVERS],
+    *[Variant(name, train=tuple(train), note="lever", optional=True,
+              checkpoint="best" if name in BEST_CHECKPOINT_LEVERS else "latest") for name, train in LEVERS],
 ]
 
 
@@ -140,6 +150,14 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return max(ckpts)[1]
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """``checkpoints/best`` resolved (the run's pick by ``train.select_metric``)."""
+    best = run_dir / "checkpoints" / "best"
+    if not (best / "COMPLETE").exists():
+        raise RuntimeError(f"no complete checkpoints/best under {run_dir} (train.select_metric picks it at validation)")
+    return best.resolve()
+
+
 def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: Path) -> Dict[str, object]:
     py = sys.executable
     out_json = work / f"seed{seed}" / f"{slug(variant.name)}.json"
@@ -153,7 +171,7 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
         overrides = [f"run_dir={run_dir}", f"train.seed={seed}", f"data.seed={seed}", *args.overrides, *src.train]
         fresh = ["--fresh"] if any((run_dir / "checkpoints").glob("step-*/COMPLETE")) else []  # --force retrains
         run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *fresh, *overrides], run_dir / "train.log")
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = best_checkpoint(run_dir) if src.checkpoint == "best" else latest_checkpoint(run_dir)
     cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
            "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]
     if variant.name != "DIG":  # the item-space upper bound is reported once, for DIG
@@ -165,6 +183,7 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
     run(cmd, out_json.with_suffix(".log"))
     res = json.loads(out_json.read_text())
     res["train_overrides"] = list(src.train)
+    res["checkpoint"] = f"{src.checkpoint}: {ckpt.name}"
     res["eval_overrides"] = list(variant.evaluate)
     out_json.write_text(json.dumps(res, indent=2))
     return res
