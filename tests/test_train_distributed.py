@@ -132,7 +132,12 @@ def test_two_rank_resume_matches_uninterrupted_run_and_loads_on_one_rank(tiny_da
 
 
 def _shuffle_train_labels(src: Path, dst: Path, seed: int = 0) -> None:
-    """Copy a dataset and permute (label, user_state) across the train rows: no learnable signal left."""
+    """Copy a dataset and permute the label across the train rows: no learnable signal left.
+
+    Only the label moves: the features (and ``user_state``, each user's prefix statistics,
+    which the validator requires to be non-decreasing in time) stay valid, and a label drawn
+    independently of every feature leaves nothing to learn.
+    """
     import shutil
 
     import numpy as np
@@ -146,9 +151,8 @@ def _shuffle_train_labels(src: Path, dst: Path, seed: int = 0) -> None:
         rg_rows = pf.metadata.row_group(0).num_rows
         table = pf.read()
         perm = rng.permutation(table.num_rows)
-        for col in ("label", "user_state"):
-            i = table.column_names.index(col)
-            table = table.set_column(i, col, table.column(col).take(pa.array(perm)))
+        i = table.column_names.index("label")
+        table = table.set_column(i, "label", table.column("label").take(pa.array(perm)))
         pq.write_table(table, f, row_group_size=rg_rows)
     for cache in dst.glob(".dig_validated*"):
         cache.unlink()
