@@ -80,6 +80,23 @@ def check_required(path: Path, table: pa.Table, names: Sequence[str], types: Dic
             raise DataError(f"{path}: {bad or f'column {col!r} has empty values'}")
 
 
+def _csv_options(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.DataType]]
+                 ) -> Tuple[List[str], pacsv.ReadOptions, pacsv.ConvertOptions]:
+    """The header's column names and the Arrow read/convert options keeping ``columns``.
+
+    Raises :class:`DataError` naming the file and the first missing column.
+    """
+    with open(path, "rb") as fh:
+        names = [h.strip() for h in fh.readline().decode("utf-8", "replace").strip().split(",")]
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (header: {', '.join(names)})")
+    read = pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24)
+    conv = pacsv.ConvertOptions(include_columns=list(columns), column_types=types or {},
+                                null_values=["", "NULL", "NaN", "nan"], strings_can_be_null=True)
+    return names, read, conv
+
+
 def read_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.DataType]] = None,
              max_rows: int = 0, required: Sequence[str] = ()) -> pa.Table:
     """Read a CSV with a header, keeping ``columns`` (missing ones raise naming file + column).
@@ -98,15 +115,7 @@ def read_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.Da
         raise DataError(f"{path}: empty file (expected a header line with {', '.join(columns)})")
     names: List[str] = []
     try:
-        with open(path, "rb") as fh:
-            header = fh.readline().decode("utf-8", "replace").strip().split(",")
-        names = [h.strip() for h in header]
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise DataError(f"{path}: missing column '{missing[0]}' (header: {', '.join(names)})")
-        read = pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24)
-        conv = pacsv.ConvertOptions(include_columns=list(columns), column_types=types or {},
-                                    null_values=["", "NULL", "NaN", "nan"], strings_can_be_null=True)
+        names, read, conv = _csv_options(path, columns, types)
         if not max_rows:
             table = pacsv.read_csv(path, read_options=read, convert_options=conv)
         else:
@@ -128,14 +137,7 @@ def read_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.Da
 def stream_csv(path: Path, columns: Sequence[str], types: Optional[Dict[str, pa.DataType]] = None
                ) -> Iterable[pa.RecordBatch]:
     """Record batches of a (large) CSV with a header."""
-    with open(path, "rb") as fh:
-        names = [h.strip() for h in fh.readline().decode("utf-8", "replace").strip().split(",")]
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{path}: missing column '{missing[0]}' (header: {', '.join(names)})")
-    read = pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24)
-    conv = pacsv.ConvertOptions(include_columns=list(columns), column_types=types or {},
-                                null_values=["", "NULL", "NaN", "nan"], strings_can_be_null=True)
+    names, read, conv = _csv_options(path, columns, types)
     try:
         with pacsv.open_csv(path, read_options=read, convert_options=conv) as reader:
             yield from reader
