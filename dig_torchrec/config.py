@@ -62,6 +62,10 @@ class TokenizerConfig:
     frozen: bool = False  # Fixed SID ablation: keep the balanced-tree SIDs, no EMA
     # stop the EMA codebook updates (and so SID changes) after this many training steps; 0 = never
     freeze_after_steps: int = 0
+    # at the freeze, every item's SID is re-assigned once on the frozen codebooks (the table then serves
+    # training and retrieval): balanced = the balanced-tree assignment (distinct leaves when N <= K^L),
+    # argmin = Eq. 2 + collision_resolution, none = keep each item's last-batch argmin (or its init SID)
+    seal: str = "balanced"
     # dead-code threshold unit: per_step = EMA items per step (dead_code_threshold as is); catalog = a share
     # of an average catalog item's traffic (threshold x rows per step / num_items), which scales with the catalog
     dead_code_rule: str = "per_step"
@@ -208,6 +212,7 @@ class DIGConfig:
 _CHOICES = {
     "data.negative_sampling": ("uniform", "popularity"),
     "tokenizer.collision_resolution": ("last_layer", "none"),
+    "tokenizer.seal": ("balanced", "argmin", "none"),
     "u2t.inference": ("mlp", "stat_mean", "none"),
     "u2t.grouping": ("bucket", "user_bucket"),
     "loss.recall_supervision": ("all_layers", "last_layer"),

@@ -278,18 +278,7 @@ def balanced_tree_init(
         else:
             sample = residual
         centroids = kmeans(sample, num_codes, kmeans_iters, gen)
-        sizes = torch.bincount(group, minlength=num_groups)
-        # A single-item node just takes its nearest code; only larger nodes need capacities.
-        shared = sizes[group] > 1
-        codes = torch.zeros(n, dtype=torch.long, device=device)
-        alone = torch.nonzero(~shared).squeeze(1)
-        for s in range(0, alone.numel(), 65536):
-            codes[alone[s : s + 65536]] = squared_distances(residual[alone[s : s + 65536]], centroids).argmin(1)
-        if bool(shared.any()):
-            sub_group, _ = _compact(group[shared])
-            codes[shared] = capacity_constrained_assign(
-                residual[shared], sub_group, centroids, group_sizes=torch.bincount(sub_group)
-            )
+        codes = _balanced_layer_codes(residual, group, num_groups, centroids)
         # assigned_mean: c_{l,k} := mean residual of the items given token k at layer l (all parents).
         sums = torch.zeros_like(centroids).index_add_(0, codes, residual)
         counts = torch.bincount(codes, minlength=num_codes).to(residual.dtype)
@@ -303,6 +292,56 @@ def balanced_tree_init(
         if progress is not None:
             progress(layer)
     return codebooks, sids
+
+
+def _balanced_layer_codes(
+    residual: torch.Tensor, group: torch.Tensor, num_groups: int, centroids: torch.Tensor
+) -> torch.Tensor:
+    """One layer of the balanced tree: each node's items spread over the K codes (sizes differ by <= 1)."""
+    n = residual.shape[0]
+    sizes = torch.bincount(group, minlength=num_groups)
+    # A single-item node just takes its nearest code; only larger nodes need capacities.
+    shared = sizes[group] > 1
+    codes = torch.zeros(n, dtype=torch.long, device=residual.device)
+    alone = torch.nonzero(~shared).squeeze(1)
+    for s in range(0, alone.numel(), 65536):
+        codes[alone[s : s + 65536]] = squared_distances(residual[alone[s : s + 65536]], centroids).argmin(1)
+    if bool(shared.any()):
+        sub_group, _ = _compact(group[shared])
+        codes[shared] = capacity_constrained_assign(
+            residual[shared], sub_group, centroids, group_sizes=torch.bincount(sub_group)
+        )
+    return codes
+
+
+def balanced_tree_assign(e_v: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Balanced-tree SIDs of a catalog on fixed codebooks: :func:`balanced_tree_init` without the k-means.
+
+    Layer by layer, the items of every node (shared prefix) go to their nearest codes of
+    ``codebooks[l]`` under balanced capacities, and the residual moves on by the chosen
+    code (Eq. 3). Every item gets its own full SID when ``N <= K^L``.
+
+    Args:
+        e_v: ``[N, D]`` item representations.
+        codebooks: ``[L, K, D]``.
+
+    Returns:
+        ``[N, L]`` SIDs.
+    """
+    n = e_v.shape[0]
+    num_layers, num_codes, _ = codebooks.shape
+    check_catalog_fits(n, num_codes, num_layers)
+    residual = e_v.detach().float().clone()
+    books = codebooks.to(residual)
+    sids = torch.zeros(n, num_layers, dtype=torch.long, device=residual.device)
+    group = torch.zeros(n, dtype=torch.long, device=residual.device)
+    num_groups = 1
+    for layer in range(num_layers):
+        codes = _balanced_layer_codes(residual, group, num_groups, books[layer])
+        sids[:, layer] = codes
+        residual -= books[layer][codes]
+        group, num_groups = _compact(group * num_codes + codes)
+    return sids
 
 
 def _compact(keys: torch.Tensor) -> Tuple[torch.Tensor, int]:

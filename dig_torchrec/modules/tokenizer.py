@@ -24,6 +24,7 @@ from torch import nn
 
 from dig_torchrec.config import TokenizerConfig
 from dig_torchrec.modules.balanced_kmeans import (
+    balanced_tree_assign,
     balanced_tree_init,
     check_catalog_fits,
     collision_rate,
@@ -199,13 +200,53 @@ class DIGTokenizer(nn.Module):
         """
         if self.ema_frozen and self.is_initialized:  # the table is every item's (training) SID
             return self.item_sid_table.clone()
-        flat = e_v_all.reshape(e_v_all.shape[0], -1).float()
+        return self._assign_catalog(e_v_all, resolution)
+
+    def _assign_catalog(self, e_v_all: torch.Tensor, resolution: Optional[str] = None) -> torch.Tensor:
+        """Eq. 2 argmin of every item on the current codebooks, then the collision resolution."""
+        flat = e_v_all.reshape(e_v_all.shape[0], -1).float().to(self.quantizer.codebooks.device)
         sids = self.quantizer.assign(flat)
         if (resolution or self.cfg.collision_resolution) == "last_layer":
             prefix = self.quantizer.codebooks[torch.arange(self.num_layers - 1, device=flat.device)[None], sids[:, :-1]]
             last_residual = flat - prefix.sum(1)
             sids = resolve_last_layer_collisions(sids, last_residual, self.quantizer.codebooks[-1])
         return sids
+
+    @torch.no_grad()
+    def seal(self, e_v_all: torch.Tensor) -> float:
+        """At ``tokenizer.freeze_after_steps``: every item's SID re-assigned once on the frozen codebooks.
+
+        Until the freeze, ``item_sid_table`` holds each item's argmin from the last batch it
+        was in (older codebooks, or the init SID of items not seen since), with no collision
+        handling; the frozen table is what the recall path trains on and beam search serves.
+        ``tokenizer.seal``: ``balanced`` gives each node's items balanced shares of the K codes
+        at every layer (:func:`balanced_tree_assign`; distinct leaves when N <= K^L, whatever
+        the codebooks' utilisation), ``argmin`` is Eq. 2 plus ``tokenizer.collision_resolution``.
+        Rank 0's result is broadcast. Returns the table's collision rate after sealing.
+
+        Args:
+            e_v_all: ``[num_items, F_enc*d]`` e_v of the whole catalog in item-id order.
+        """
+        num_items = self.item_sid_table.shape[0]
+        if e_v_all.shape[0] != num_items:
+            raise ValueError(f"seal: e_v_all has {e_v_all.shape[0]} rows, catalog has {num_items} items")
+        mode = self.cfg.seal
+        if mode not in ("balanced", "argmin"):
+            raise ValueError(f"tokenizer.seal = {mode!r}: nothing to seal (balanced | argmin)")
+        before = self.collision_rate()
+        if mode == "balanced":
+            flat = e_v_all.reshape(num_items, -1).float().to(self.quantizer.codebooks.device)
+            sids = balanced_tree_assign(flat, self.quantizer.codebooks)
+        else:
+            sids = self._assign_catalog(e_v_all)
+        sids = sids.to(self.item_sid_table)
+        if _dist_ready():
+            dist.broadcast(sids, src=0)
+        self.item_sid_table.copy_(sids)
+        self._collision_rate = None
+        after = self.collision_rate()
+        logger.info("tokenizer SIDs sealed (%s) at the freeze: colliding items %.4f -> %.4f", mode, before, after)
+        return after
 
     # ------------------------------------------------------------------ metrics
     def collision_rate(self) -> float:

@@ -339,13 +339,12 @@ class Trainer:
 
     # ================================================================== tokenizer init
     @torch.no_grad()
-    def initialize_tokenizer(self, chunk_size: int = 4096) -> None:
-        """e_v of the whole catalog through the sharded tables, all-gathered; tree init on rank 0.
+    def _catalog_e_v(self, chunk_size: int = 4096) -> torch.Tensor:
+        """e_v ``[num_items, F*d]`` of the whole catalog through the sharded tables, all-gathered.
 
         Every rank embeds ``ceil(num_items / world)`` items (padded with item 0), in the same
         number of sub-batches, so the sharded tables' all-to-alls line up across ranks.
         """
-        t0 = time.perf_counter()
         world, rank = self.env.world_size, self.env.rank
         items = self.train_reader.items
         n = items.num_items
@@ -355,15 +354,39 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         local = self.dig.corpus_item_representations(items, chunk_size, ids=ids)  # [per_rank, F*d]
+        self.model.train(was_training)
         if world > 1:
             gathered = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(gathered, local.contiguous())
-            e_v_all = torch.cat(gathered)[:n]
-        else:
-            e_v_all = local[:n]
-        self.dig.initialize_tokenizer(e_v_all)
-        self.model.train(was_training)
+            return torch.cat(gathered)[:n]
+        return local[:n]
+
+    @torch.no_grad()
+    def initialize_tokenizer(self, chunk_size: int = 4096) -> None:
+        """Balanced k-means tree init on the catalog's e_v (rank 0, broadcast)."""
+        t0 = time.perf_counter()
+        self.dig.initialize_tokenizer(self._catalog_e_v(chunk_size))
         logger.info("tokenizer initialised at step %d (%.1fs)", self.step, time.perf_counter() - t0)
+
+    @property
+    def seal_step(self) -> int:
+        """The step at which ``tokenizer.freeze_after_steps`` freezes the codebooks (0: never)."""
+        tok = self.cfg.tokenizer
+        if tok.frozen or tok.freeze_after_steps <= 0 or tok.seal == "none" or self.dig.rank_only:
+            return 0
+        return tok.init_after_steps + tok.freeze_after_steps
+
+    def _seal_if_due(self) -> None:
+        if self.seal_step and self.step == self.seal_step and self.dig.tokenizer.is_initialized:
+            self.seal_tokenizer()
+
+    @torch.no_grad()
+    def seal_tokenizer(self, chunk_size: int = 4096) -> None:
+        """At the freeze: every item's SID from the frozen codebooks, collisions resolved (``DIGTokenizer.seal``)."""
+        t0 = time.perf_counter()
+        rate = self.dig.tokenizer.seal(self._catalog_e_v(chunk_size))
+        self.logger.log(self.step, {"tokenizer/sealed_collision_rate": rate}, kind="tokenizer")
+        logger.info("tokenizer SIDs sealed at step %d (%.1fs)", self.step, time.perf_counter() - t0)
 
     # ================================================================== validation
     @torch.no_grad()
@@ -426,6 +449,8 @@ class Trainer:
                 out.append((self.step // every + 1) * every)
         if self.cfg.tokenizer.init_after_steps > self.step:
             out.append(self.cfg.tokenizer.init_after_steps)
+        if self.seal_step > self.step:
+            out.append(self.seal_step)
         reader = self.train_reader
         left_in_epoch = reader.num_batches - reader.batches_in_epoch
         out.append(self.step + max(left_in_epoch, 1) if left_in_epoch > 0 else self.step + reader.num_batches)
@@ -457,6 +482,7 @@ class Trainer:
             self.initialize_tokenizer()
         if init_only:
             return
+        self._seal_if_due()
         if cfg.log_every > 0 and self.step % cfg.log_every == 0 and self.step > 0:
             self._log_train()
         validated = (cfg.val_every > 0 and self.step % cfg.val_every == 0 and self.step > 0) or (
@@ -534,6 +560,8 @@ class Trainer:
                 elif self.step < self.total_steps:
                     self._handle_events(epoch_done=False)
             # final: validation and checkpoint unless the last event already did them
+            if self.step == self.total_steps:  # a run ending at the freeze step still serves a sealed table
+                self._seal_if_due()
             if self.last_validation_step != self.step:
                 self.validate()
             if self.last_checkpoint_step != self.step:
