@@ -94,6 +94,10 @@ LEVERS: List[tuple] = [
                                              "train.val_retrieval_users=1024"]),
     ("lever: 4 epochs, best by valid R@10, SID-token history keys",
      ["train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024", "model.history_sid=true"]),
+    # the same recipe for Fixed SID, so the Ablation-1 comparison stays like for like
+    ("lever: Fixed SID, 4 epochs, best by valid R@10, SID-token history keys",
+     ["tokenizer.frozen=true", "train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024",
+      "model.history_sid=true"]),
 ]
 # levers evaluated on their run's checkpoints/best (train.select_metric) instead of the last checkpoint
 BEST_CHECKPOINT_LEVERS = {name for name, train in LEVERS if "train.select_metric=recall@10" in train}
