@@ -134,9 +134,10 @@ def test_two_rank_resume_matches_uninterrupted_run_and_loads_on_one_rank(tiny_da
 def _shuffle_train_labels(src: Path, dst: Path, seed: int = 0) -> None:
     """Copy a dataset and permute the label across the train rows: no learnable signal left.
 
-    Only the label moves: the features (and ``user_state``, each user's prefix statistics,
-    which the validator requires to be non-decreasing in time) stay valid, and a label drawn
-    independently of every feature leaves nothing to learn.
+    ``user_state`` (each user's u2i prefix statistics) is stored on click rows only, and must
+    be non-decreasing per user in time, so it cannot travel with a permuted label: every
+    click row after the permutation gets an empty state (no statistics) and every other row
+    none. A label drawn independently of every feature then leaves nothing to learn.
     """
     import shutil
 
@@ -152,7 +153,12 @@ def _shuffle_train_labels(src: Path, dst: Path, seed: int = 0) -> None:
         table = pf.read()
         perm = rng.permutation(table.num_rows)
         i = table.column_names.index("label")
-        table = table.set_column(i, "label", table.column("label").take(pa.array(perm)))
+        labels = table.column("label").take(pa.array(perm))
+        table = table.set_column(i, "label", labels)
+        j = table.column_names.index("user_state")
+        state_type = table.schema.field("user_state").type
+        state = pa.array([[] if y else None for y in labels.to_pylist()], type=state_type)
+        table = table.set_column(j, pa.field("user_state", state_type), state)
         pq.write_table(table, f, row_group_size=rg_rows)
     for cache in dst.glob(".dig_validated*"):
         cache.unlink()
