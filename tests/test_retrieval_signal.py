@@ -1,0 +1,97 @@
+"""End to end (slow): the ``industrial_small`` preset's retrieval signal (favourite brands,
+40K-item catalog) is learned in one epoch, and (issue 14's goal, not met yet) beam search over
+the trained recall path beats popularity by a wide margin.
+
+Measured (the recipe below, 1,370 test users): the rank path ranking the whole catalog reaches
+R@10 0.083 (300 users) against popularity's 0.002-0.003, so the signal is learnable and learned;
+the recall path scores R@10 0.000-0.002 by beam search and by exhaustive leaf search alike (beam
+fidelity 0.996), with the SIDs distinct (``tokenizer.seal=balanced``: 0 collisions) or not
+(0.72). The gap is in the recall path's inputs, not in beam search: ``test_beam_...`` is a strict
+xfail until that is fixed.
+
+The dataset keeps the preset's catalog, structure and ``p_brand`` and cuts the rows (and
+users, at the same rows per user) so that a CPU test can train on it; the model is small.
+``meta.json`` states the oracle and popularity Recall@10 of the same test targets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+from dig_torchrec.config import load_config
+from dig_torchrec.data.schema import DatasetMeta
+
+REPO = Path(__file__).resolve().parents[1]
+USERS, ROWS = 1600, 200_000  # industrial_small: 12,000 users, 1.5M rows (the same ~125 rows per user)
+
+
+def _train(data: Path, run: Path) -> None:
+    from dig_torchrec.training.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "industrial_small.yaml", [
+        f"data.path={data}", f"run_dir={run}", "data.batch_size=512", "model.embedding_dim=32",
+        "model.din_hidden=[32]", "model.expert_hidden=[64]", "model.num_experts=2", "model.cross_layers=1",
+        "tokenizer.num_codes=64", "tokenizer.num_layers=3", "tokenizer.init_after_steps=60",
+        "tokenizer.freeze_after_steps=60", "loss.recall_objective=softmax", "train.epochs=1",
+        "train.log_every=1000", "train.val_every=0", "train.checkpoint_every=0", "train.lr=0.002",
+    ])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def _retrieve(run: Path, methods: Tuple[str, ...], max_users: int = 0) -> Dict[str, float]:
+    """Recall@10 of each method on the test targets (a seeded subset of ``max_users`` if > 0)."""
+    from dig_torchrec.data.targets import load_targets
+    from dig_torchrec.retrieval import metrics as M
+    from dig_torchrec.retrieval.evaluate import load_inference_bundle, retrieve_topn
+
+    bundle = load_inference_bundle(run)
+    targets = load_targets(bundle.data_root, "test", bundle.schema)
+    rows = torch.arange(len(targets))
+    if max_users:
+        rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:max_users].sort().values
+    res = retrieve_topn(bundle, targets, rows, list(methods), 10, beam_size=64, progress=False)
+    tgt = targets.target_item[rows]
+    return {m: M.recall_at_k(M.target_ranks(res.items[m], tgt), 10) for m in methods}
+
+
+@pytest.fixture(scope="module")
+def signal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dig_torchrec.data.synthetic import generate, preset
+
+    root = tmp_path_factory.mktemp("signal") / "industrial_small_cut"
+    generate(preset("industrial_small", num_users=USERS, num_rows=ROWS, chunk_rows=ROWS), root, processes=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(signal_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("signal_run") / "run"
+    _train(signal_dataset, run)
+    return run
+
+
+@pytest.mark.slow
+def test_the_rank_path_learns_the_signal_over_the_whole_catalog(signal_dataset: Path, trained_run: Path) -> None:
+    oracle = DatasetMeta.load(signal_dataset).extra["retrieval_oracle"]
+    assert oracle["popularity_fraction_of_oracle"] <= 0.25, oracle
+    r = _retrieve(trained_run, ("full", "popularity"), max_users=200)
+    # measured 0.083 vs 0.003 (300 users): the planted affinity is learnable in one epoch
+    assert r["full"] >= 5 * max(r["popularity"], 1 / 200), (r, oracle)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 14 open: the recall path scores R@10 ~0 here (beam = exhaustive leaf, "
+                   "fidelity 0.996) while the rank path reaches 0.083; see the module docstring")
+def test_beam_search_beats_twice_popularity(signal_dataset: Path, trained_run: Path) -> None:
+    oracle = DatasetMeta.load(signal_dataset).extra["retrieval_oracle"]
+    r = _retrieve(trained_run, ("beam", "popularity"))
+    assert r["beam"] >= 2 * r["popularity"], (r, oracle)
+    assert r["beam"] >= 0.05 * oracle["recall@10"], (r, oracle)
