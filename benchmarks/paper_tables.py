@@ -94,7 +94,7 @@ LEVERS: List[tuple] = [
                                              "train.val_retrieval_users=1024"]),
     ("lever: 4 epochs, best by valid R@10, SID-token history keys",
      ["train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024", "model.history_sid=true"]),
-    # the recipe with the SID table sealed at the freeze (tokenizer.seal=balanced, the default since; the rows
+    # the recipe with the SID table always sealed at the freeze (tokenizer.seal=balanced; the default is auto; the rows
     # above ran on code without the seal, i.e. tokenizer.seal=none)
     ("lever: 4 epochs, best by valid R@10, SID-token history keys, balanced seal",
      ["train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024", "model.history_sid=true",

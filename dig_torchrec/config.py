@@ -64,8 +64,10 @@ class TokenizerConfig:
     freeze_after_steps: int = 0
     # at the freeze, every item's SID is re-assigned once on the frozen codebooks (the table then serves
     # training and retrieval): balanced = the balanced-tree assignment (distinct leaves when N <= K^L),
-    # argmin = Eq. 2 + collision_resolution, none = keep each item's last-batch argmin (or its init SID)
-    seal: str = "balanced"
+    # argmin = Eq. 2 + collision_resolution, none = keep each item's last-batch argmin (or its init SID),
+    # auto = balanced only when more than seal_collision_threshold of the items share a leaf at the freeze
+    seal: str = "auto"
+    seal_collision_threshold: float = 0.01
     # dead-code threshold unit: per_step = EMA items per step (dead_code_threshold as is); catalog = a share
     # of an average catalog item's traffic (threshold x rows per step / num_items), which scales with the catalog
     dead_code_rule: str = "per_step"
@@ -212,7 +214,7 @@ class DIGConfig:
 _CHOICES = {
     "data.negative_sampling": ("uniform", "popularity"),
     "tokenizer.collision_resolution": ("last_layer", "none"),
-    "tokenizer.seal": ("balanced", "argmin", "none"),
+    "tokenizer.seal": ("auto", "balanced", "argmin", "none"),
     "u2t.inference": ("mlp", "stat_mean", "none"),
     "u2t.grouping": ("bucket", "user_bucket"),
     "loss.recall_supervision": ("all_layers", "last_layer"),
@@ -256,6 +258,7 @@ _NON_NEGATIVE = (
     "tokenizer.init_after_steps",
     "train.val_retrieval_users",
     "tokenizer.freeze_after_steps",
+    "tokenizer.seal_collision_threshold",
     "tokenizer.gumbel_decay_steps",
     "tokenizer.sid_prefix_buckets",
     "tokenizer.gumbel_scale",

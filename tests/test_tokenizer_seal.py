@@ -92,6 +92,21 @@ def test_balanced_tree_assign_on_the_init_codebooks_reproduces_the_init_sids():
     assert collision_rate(sids, 8) == 0.0
 
 
+def test_auto_seal_keeps_a_table_below_the_threshold_and_seals_one_above():
+    tok, e_v = _colliding_tokenizer("auto")
+    argmin = tok.assign(e_v)
+    tok.steps_since_init = 1
+    distinct = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [3, 0], [2, 1]])
+    tok.item_sid_table.copy_(distinct)  # no collisions: nothing to fix, every SID stays
+    assert tok.seal(e_v) == 0.0 and torch.equal(tok.item_sid_table, distinct)
+    tok.item_sid_table.copy_(argmin)  # 7/8 of the items share a leaf: above 1%, sealed (balanced)
+    assert tok.seal(e_v) == 0.0
+    assert torch.equal(tok.item_sid_table, balanced_tree_assign(e_v, tok.quantizer.codebooks))
+    tok.cfg.seal_collision_threshold = 0.9  # 0.875 <= 0.9: kept as is
+    tok.item_sid_table.copy_(argmin)
+    assert tok.seal(e_v) == pytest.approx(7 / 8) and torch.equal(tok.item_sid_table, argmin)
+
+
 def test_seal_rejects_a_catalog_of_the_wrong_size():
     tok, e_v = _colliding_tokenizer()
     with pytest.raises(ValueError, match="catalog has 8 items"):
@@ -118,7 +133,7 @@ def _run(run: Path, data: Path, steps: int, monkeypatch: pytest.MonkeyPatch,
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"data.path={data}", f"run_dir={run}", "data.history_length=5", "data.batch_size=64",
         f"train.max_steps={steps}", "train.log_every=1000", "train.val_every=0", "train.checkpoint_every=15",
-        "tokenizer.init_after_steps=10", "tokenizer.freeze_after_steps=5",
+        "tokenizer.init_after_steps=10", "tokenizer.freeze_after_steps=5", "tokenizer.seal=balanced",
     ])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -140,7 +155,7 @@ def test_the_trainer_seals_once_at_the_freeze_and_a_resume_does_not_reseal(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     sealed = [r for r in records if r["kind"] == "tokenizer"]
     assert [r["step"] for r in sealed] == [15]
-    # the default seal is balanced: the tiny catalog (< K^L items) gets one leaf per item
+    # balanced: the tiny catalog (< K^L items) gets one leaf per item
     assert sealed[0]["tokenizer/sealed_collision_rate"] == 0.0 and collision_rate(sealed_table, 16) == 0.0
 
     calls, start, before, after = _run(run, tiny_dataset, 30, monkeypatch, resume="auto")

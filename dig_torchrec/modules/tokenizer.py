@@ -221,7 +221,10 @@ class DIGTokenizer(nn.Module):
         handling; the frozen table is what the recall path trains on and beam search serves.
         ``tokenizer.seal``: ``balanced`` gives each node's items balanced shares of the K codes
         at every layer (:func:`balanced_tree_assign`; distinct leaves when N <= K^L, whatever
-        the codebooks' utilisation), ``argmin`` is Eq. 2 plus ``tokenizer.collision_resolution``.
+        the codebooks' utilisation), ``argmin`` is Eq. 2 plus ``tokenizer.collision_resolution``,
+        ``auto`` is ``balanced`` when more than ``tokenizer.seal_collision_threshold`` of the
+        items share a leaf at the freeze and keeps the table otherwise (re-assigning moves every
+        item's SID, which costs the recall path what it learned on them).
         Rank 0's result is broadcast. Returns the table's collision rate after sealing.
 
         Args:
@@ -231,9 +234,16 @@ class DIGTokenizer(nn.Module):
         if e_v_all.shape[0] != num_items:
             raise ValueError(f"seal: e_v_all has {e_v_all.shape[0]} rows, catalog has {num_items} items")
         mode = self.cfg.seal
-        if mode not in ("balanced", "argmin"):
-            raise ValueError(f"tokenizer.seal = {mode!r}: nothing to seal (balanced | argmin)")
+        if mode not in ("auto", "balanced", "argmin"):
+            raise ValueError(f"tokenizer.seal = {mode!r}: nothing to seal (auto | balanced | argmin)")
+        self._collision_rate = None  # measured on the table as it is now
         before = self.collision_rate()
+        if mode == "auto":
+            if before <= self.cfg.seal_collision_threshold:
+                logger.info("tokenizer.seal=auto: %.4f of items share a leaf at the freeze (<= %.4f), table kept",
+                            before, self.cfg.seal_collision_threshold)
+                return before
+            mode = "balanced"
         if mode == "balanced":
             flat = e_v_all.reshape(num_items, -1).float().to(self.quantizer.codebooks.device)
             sids = balanced_tree_assign(flat, self.quantizer.codebooks)
