@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Type
 
-from dig_torchrec.errors import CheckpointError, ConfigError
+from dig_torchrec.errors import CheckpointError, ConfigError, DIGError
 
 
 def temp_path_for(path: str | Path) -> Path:
@@ -59,20 +59,21 @@ def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False, mkdir
                 os.fsync(f.fileno())
 
 
-def check_writable_parent(flag: str, path: Path) -> None:
+def check_writable_parent(flag: str, path: Path, error: Type[DIGError] = ConfigError) -> None:
     """The nearest existing parent of ``path`` is a writable directory (``flag`` names the
     command-line option in the error).
 
     Args:
         flag: e.g. ``--out``.
         path: the file or directory to create.
+        error: the error type raised (the calling layer's: ``DataError`` for dataset roots).
     """
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
+                raise error(f"{flag} {path}: {parent} is a file, not a directory")
             if not os.access(parent, os.W_OK):
-                raise ConfigError(f"{flag} {path}: directory {parent} is not writable")
+                raise error(f"{flag} {path}: directory {parent} is not writable")
             break
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator
 
 from dig_torchrec.errors import DataError
+from dig_torchrec.files import check_writable_parent
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,7 @@ def check_out_root(out: Path) -> None:
             raise DataError(f"--out {out}: already holds a dataset; choose an empty --out directory")
         raise DataError(f"--out {out}: directory is not empty (a partial dataset of an older, interrupted run?); "
                         f"delete it or choose an empty --out directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"--out {out}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise DataError(f"--out {out}: directory {parent} is not writable")
-            break
+    check_writable_parent("--out", out, error=DataError)
 
 
 @contextlib.contextmanager
