@@ -98,12 +98,17 @@ def test_auto_seal_keeps_a_table_below_the_threshold_and_seals_one_above():
     tok.steps_since_init = 1
     distinct = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [3, 0], [2, 1]])
     tok.item_sid_table.copy_(distinct)  # no collisions: nothing to fix, every SID stays
-    assert tok.seal(e_v) == 0.0 and torch.equal(tok.item_sid_table, distinct)
+    assert tok.seal_mode() is None
+    assert tok.seal(None) == 0.0 and torch.equal(tok.item_sid_table, distinct)  # no catalog e_v needed
     tok.item_sid_table.copy_(argmin)  # 7/8 of the items share a leaf: above 1%, sealed (balanced)
+    assert tok.seal_mode() == "balanced"
+    with pytest.raises(ValueError, match="no e_v, catalog has 8 items"):
+        tok.seal(None)
     assert tok.seal(e_v) == 0.0
     assert torch.equal(tok.item_sid_table, balanced_tree_assign(e_v, tok.quantizer.codebooks))
     tok.cfg.seal_collision_threshold = 0.9  # 0.875 <= 0.9: kept as is
     tok.item_sid_table.copy_(argmin)
+    assert tok.seal_mode() is None
     assert tok.seal(e_v) == pytest.approx(7 / 8) and torch.equal(tok.item_sid_table, argmin)
 
 

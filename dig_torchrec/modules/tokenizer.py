@@ -212,8 +212,21 @@ class DIGTokenizer(nn.Module):
             sids = resolve_last_layer_collisions(sids, last_residual, self.quantizer.codebooks[-1])
         return sids
 
+    def seal_mode(self) -> Optional[str]:
+        """The re-assignment :meth:`seal` would run now: ``balanced``, ``argmin`` or None (keep the table).
+
+        ``auto`` resolves to ``balanced`` only when more than ``tokenizer.seal_collision_threshold``
+        of the items share a leaf in ``item_sid_table`` (identical on every rank, so every rank
+        decides alike); the caller skips the whole-catalog e_v pass when this is None.
+        """
+        mode = self.cfg.seal
+        if mode == "auto":
+            self._collision_rate = None  # measured on the table as it is now
+            return "balanced" if self.collision_rate() > self.cfg.seal_collision_threshold else None
+        return mode if mode in ("balanced", "argmin") else None
+
     @torch.no_grad()
-    def seal(self, e_v_all: torch.Tensor) -> float:
+    def seal(self, e_v_all: Optional[torch.Tensor]) -> float:
         """At ``tokenizer.freeze_after_steps``: every item's SID re-assigned once on the frozen codebooks.
 
         Until the freeze, ``item_sid_table`` holds each item's argmin from the last batch it
@@ -228,22 +241,20 @@ class DIGTokenizer(nn.Module):
         Rank 0's result is broadcast. Returns the table's collision rate after sealing.
 
         Args:
-            e_v_all: ``[num_items, F_enc*d]`` e_v of the whole catalog in item-id order.
+            e_v_all: ``[num_items, F_enc*d]`` e_v of the whole catalog in item-id order; may be
+                None when :meth:`seal_mode` is None (nothing is re-assigned).
         """
         num_items = self.item_sid_table.shape[0]
-        if e_v_all.shape[0] != num_items:
-            raise ValueError(f"seal: e_v_all has {e_v_all.shape[0]} rows, catalog has {num_items} items")
-        mode = self.cfg.seal
-        if mode not in ("auto", "balanced", "argmin"):
-            raise ValueError(f"tokenizer.seal = {mode!r}: nothing to seal (auto | balanced | argmin)")
+        mode = self.seal_mode()
         self._collision_rate = None  # measured on the table as it is now
         before = self.collision_rate()
-        if mode == "auto":
-            if before <= self.cfg.seal_collision_threshold:
-                logger.info("tokenizer.seal=auto: %.4f of items share a leaf at the freeze (<= %.4f), table kept",
-                            before, self.cfg.seal_collision_threshold)
-                return before
-            mode = "balanced"
+        if mode is None:
+            logger.info("tokenizer.seal=%s: %.4f of items share a leaf at the freeze (threshold %.4f), table kept",
+                        self.cfg.seal, before, self.cfg.seal_collision_threshold)
+            return before
+        if e_v_all is None or e_v_all.shape[0] != num_items:
+            rows = "no e_v" if e_v_all is None else f"e_v_all has {e_v_all.shape[0]} rows"
+            raise ValueError(f"seal ({mode}): {rows}, catalog has {num_items} items")
         if mode == "balanced":
             flat = e_v_all.reshape(num_items, -1).float().to(self.quantizer.codebooks.device)
             sids = balanced_tree_assign(flat, self.quantizer.codebooks)

@@ -384,7 +384,9 @@ class Trainer:
     def seal_tokenizer(self, chunk_size: int = 4096) -> None:
         """At the freeze: every item's SID from the frozen codebooks, collisions resolved (``DIGTokenizer.seal``)."""
         t0 = time.perf_counter()
-        rate = self.dig.tokenizer.seal(self._catalog_e_v(chunk_size))
+        tokenizer = self.dig.tokenizer
+        # the whole-catalog e_v pass only when something is re-assigned (seal=auto below the threshold keeps the table)
+        rate = tokenizer.seal(self._catalog_e_v(chunk_size) if tokenizer.seal_mode() else None)
         self.logger.log(self.step, {"tokenizer/sealed_collision_rate": rate}, kind="tokenizer")
         logger.info("tokenizer SIDs sealed at step %d (%.1fs)", self.step, time.perf_counter() - t0)
 
