@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dig_torchrec.demo import best_checkpoint as demo_best_checkpoint  # noqa: E402
 from dig_torchrec.retrieval.metrics import mean_std  # noqa: E402
 
 logger = logging.getLogger("paper_tables")
@@ -160,11 +161,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    """``checkpoints/best`` resolved (the run's pick by ``train.select_metric``)."""
-    best = run_dir / "checkpoints" / "best"
-    if not (best / "COMPLETE").exists():
+    """The run's ``checkpoints/best`` (its pick by ``train.select_metric``), as ``make demo`` finds it."""
+    best = demo_best_checkpoint(run_dir)
+    if best is None:
         raise RuntimeError(f"no complete checkpoints/best under {run_dir} (train.select_metric picks it at validation)")
-    return best.resolve()
+    return Path(best["path"])
 
 
 def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: Path) -> Dict[str, object]:
