@@ -119,7 +119,7 @@ def test_train_side_false_zeroes_only_recall_u2t_input():
     assert not torch.allclose(a.output.recall_logits, b.output.recall_logits)
 
 
-@pytest.mark.parametrize("mode", ["stat_mean", "none"])
+@pytest.mark.parametrize("mode", ["stat_mean", "none", "catalog_mean"])
 def test_u2t_inference_mode_changes_only_eval_recall_u2t(mode):
     base, alt = _pair("u2t", "inference", mode)
     meta = tiny_meta()
@@ -135,6 +135,9 @@ def test_u2t_inference_mode_changes_only_eval_recall_u2t(mode):
     torch.testing.assert_close(a.computed.u2t_in, a.computed.u2t_hat)
     if mode == "none":
         assert torch.equal(b.computed.u2t_in, torch.zeros_like(b.computed.u2t_in))
+    elif mode == "catalog_mean":  # exposure rows carry u2i, not the user's state: Eq. 13's bucket mean of the batch
+        torch.testing.assert_close(b.computed.u2t_in, b.computed.loss_inputs.u2t_teacher)
+        assert not torch.allclose(b.computed.u2t_in, b.computed.u2t_hat)
     else:
         sids = b.computed.sids[: batch.batch_size]
         expected = torch.stack([alt.u2t_stats.lookup(l, sids[:, l]) for l in range(3)])

@@ -1,13 +1,15 @@
 """End to end (slow): the ``industrial_small`` preset's retrieval signal (favourite brands,
-40K-item catalog) is learned in one epoch, and (issue 14's goal, not met yet) beam search over
-the trained recall path beats popularity by a wide margin.
+40K-item catalog) is learned in one epoch, and beam search over the trained recall path beats
+popularity by a wide margin when the recall path gets the user's exact catalog-mean u2t
+(``u2t.inference=catalog_mean``), not with MLP_u2t's estimate.
 
 Measured (the recipe below, 1,370 test users): the rank path ranking the whole catalog reaches
 R@10 0.083 (300 users) against popularity's 0.002-0.003, so the signal is learnable and learned;
 the recall path scores R@10 0.000-0.002 by beam search and by exhaustive leaf search alike (beam
 fidelity 0.996), with the SIDs distinct (``tokenizer.seal=balanced``: 0 collisions) or not
-(0.72). The gap is in the recall path's inputs, not in beam search: ``test_beam_...`` is a strict
-xfail until that is fixed.
+(0.72). The gap was the recall path's u2t input: scored with the user's exact u2i at the leaf, the
+same recall path reaches R@10 0.215 by exhaustive leaf search and 0.100 by beam search (B=100,
+``u2t.inference=catalog_mean``, 200 users); with MLP_u2t's estimate it stays at ~0 (a strict xfail).
 
 The dataset keeps the preset's catalog, structure and ``p_brand`` and cuts the rows (and
 users, at the same rows per user) so that a CPU test can train on it; the model is small.
@@ -46,7 +48,7 @@ def _train(data: Path, run: Path) -> None:
         trainer.close()
 
 
-def _retrieve(run: Path, methods: Tuple[str, ...], max_users: int = 0) -> Dict[str, float]:
+def _retrieve(run: Path, methods: Tuple[str, ...], max_users: int = 0, u2t_mode: str = "mlp") -> Dict[str, float]:
     """Recall@10 of each method on the test targets (a seeded subset of ``max_users`` if > 0)."""
     from dig_torchrec.data.targets import load_targets
     from dig_torchrec.retrieval import metrics as M
@@ -57,7 +59,7 @@ def _retrieve(run: Path, methods: Tuple[str, ...], max_users: int = 0) -> Dict[s
     rows = torch.arange(len(targets))
     if max_users:
         rows = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))[:max_users].sort().values
-    res = retrieve_topn(bundle, targets, rows, list(methods), 10, beam_size=64, progress=False)
+    res = retrieve_topn(bundle, targets, rows, list(methods), 10, beam_size=64, u2t_mode=u2t_mode, progress=False)
     tgt = targets.target_item[rows]
     return {m: M.recall_at_k(M.target_ranks(res.items[m], tgt), 10) for m in methods}
 
@@ -88,10 +90,19 @@ def test_the_rank_path_learns_the_signal_over_the_whole_catalog(signal_dataset: 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 14 open: the recall path scores R@10 ~0 here (beam = exhaustive leaf, "
-                   "fidelity 0.996) while the rank path reaches 0.083; see the module docstring")
-def test_beam_search_beats_twice_popularity(signal_dataset: Path, trained_run: Path) -> None:
+def test_beam_search_with_the_catalog_mean_u2t_beats_twice_popularity(signal_dataset: Path, trained_run: Path) -> None:
+    # measured beam R@10 0.100 (B=100, 200 users) vs popularity 0.005, exhaustive leaf 0.215
     oracle = DatasetMeta.load(signal_dataset).extra["retrieval_oracle"]
-    r = _retrieve(trained_run, ("beam", "popularity"))
-    assert r["beam"] >= 2 * r["popularity"], (r, oracle)
+    r = _retrieve(trained_run, ("beam", "popularity"), max_users=300, u2t_mode="catalog_mean")
+    assert r["beam"] >= 2 * max(r["popularity"], 1 / 300), (r, oracle)
+    assert r["beam"] >= 0.05 * oracle["recall@10"], (r, oracle)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the paper's MLP_u2t estimate (u2t.inference=mlp) leaves the recall path at "
+                   "R@10 ~0 here: the personal signal it learned comes through the exact u2i of Eq. 13's teacher")
+def test_beam_search_with_the_mlp_u2t_beats_twice_popularity(signal_dataset: Path, trained_run: Path) -> None:
+    oracle = DatasetMeta.load(signal_dataset).extra["retrieval_oracle"]
+    r = _retrieve(trained_run, ("beam", "popularity"), max_users=300)
+    assert r["beam"] >= 2 * max(r["popularity"], 1 / 300), (r, oracle)
     assert r["beam"] >= 0.05 * oracle["recall@10"], (r, oracle)

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -46,6 +46,7 @@ from dig_torchrec.retrieval.beam_search import (
     rank_all_items,
 )
 from dig_torchrec.retrieval.sid_index import SidIndex
+from dig_torchrec.retrieval.u2t_catalog import CatalogPrefixU2T, UserCatalogU2T
 from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,21 @@ class InferenceBundle:
     checkpoint: Path
     data_root: Path
     _item_repr: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    _catalog_u2t: Optional[CatalogPrefixU2T] = field(default=None, repr=False)
+    _u2i_fn: Optional[U2IFunction] = field(default=None, repr=False)
+
+    def u2i_fn(self) -> U2IFunction:
+        """The dataset's u2i function (built once)."""
+        if self._u2i_fn is None:
+            self._u2i_fn = U2IFunction(self.meta, self.items.u2i_keys)
+        return self._u2i_fn
+
+    def catalog_u2t(self) -> CatalogPrefixU2T:
+        """The per-prefix item shares of ``u2t.inference=catalog_mean`` for this index (built once)."""
+        if self._catalog_u2t is None:
+            self._catalog_u2t = CatalogPrefixU2T(self.index, self.u2i_fn())
+        return self._catalog_u2t
 
     def item_representation_all(self, batch_size: int = 4096) -> torch.Tensor:
         """e_v of every item (Eq. 1), computed once and cached: ``[num_items, F*d]``."""
@@ -181,20 +197,44 @@ class UserBatchScorers:
         self.states = states
         self.state_offset = state_offset
         self.u2t_mode = u2t_mode
-        self._u2i = getattr(bundle, "_u2i_fn", None)
-        if self._u2i is None:
-            self._u2i = U2IFunction(bundle.meta, bundle.items.u2i_keys)
-            bundle._u2i_fn = self._u2i  # type: ignore[attr-defined]
-
-    def recall(self, user_index: torch.Tensor, sid_prefix: torch.Tensor) -> torch.Tensor:
-        """Eq. 16: recall logit of ``sid_prefix`` (depth ``l`` = its width) for each row's user."""
-        return self.model.recall_logits(self.ctx, user_index, sid_prefix, u2t_mode=self.u2t_mode)
+        self._u2i = bundle.u2i_fn()
+        catalog = None
+        if u2t_mode == "catalog_mean":
+            n = self.ctx.num_users
+            own = states if state_offset == 0 and len(states) == n else states.select(torch.arange(n) + state_offset)
+            catalog = bundle.catalog_u2t().for_users(own, n)
+        self.recall = recall_scorer(self.model, self.ctx, u2t_mode, catalog)
 
     def rank(self, user_index: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """Eq. 17: rank logit of ``item_ids`` with u2i recomputed from the row's user_state."""
         e_v = self.bundle.item_representation_all()[item_ids]
         u2i = self._u2i(self.states, user_index + self.state_offset, item_ids)
         return self.model.rank_logits(self.ctx, user_index, e_v, u2i)
+
+
+def recall_scorer(model: torch.nn.Module, ctx: Any, u2t_mode: str, catalog: Optional[UserCatalogU2T] = None,
+                  device: Optional[torch.device] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Eq. 16 scorer ``(user_index [N], sid_prefix [N, l]) -> logits [N]`` of one user batch.
+
+    Args:
+        model: the ``DIGModel`` (eval mode).
+        ctx: the batch's :class:`~dig_torchrec.model.UserContext`.
+        u2t_mode: the recall path's u2t input (``u2t.inference``).
+        catalog: ``catalog_mean``: the batch's users' u2i per key group (:meth:`CatalogPrefixU2T.for_users`).
+        device: the model's device (rows are moved there, logits come back on the CPU); None: no moves.
+    """
+    if u2t_mode == "catalog_mean" and catalog is None:
+        raise ValueError("u2t_mode=catalog_mean needs the batch's users' catalog u2i (CatalogPrefixU2T.for_users)")
+
+    def score(user_index: torch.Tensor, sid_prefix: torch.Tensor) -> torch.Tensor:
+        u2t = catalog(user_index, sid_prefix) if catalog is not None else None
+        if device is None:
+            return model.recall_logits(ctx, user_index, sid_prefix, u2t_mode=u2t_mode, u2t=u2t)
+        u2t = u2t.to(device) if u2t is not None else None
+        return model.recall_logits(ctx, user_index.to(device), sid_prefix.to(device), u2t_mode=u2t_mode,
+                                   u2t=u2t).cpu()
+
+    return score
 
 
 @dataclass
