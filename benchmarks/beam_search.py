@@ -165,7 +165,7 @@ def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
     from dig_torchrec.retrieval.evaluate import UserBatchScorers
     from dig_torchrec.retrieval.evaluate import kjt_select_rows, load_inference_bundle, select_users
 
-    overrides = [f"data.path={args.data}"] if args.data else []
+    overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
     t0 = time.perf_counter()
     bundle = load_inference_bundle(args.checkpoint, overrides)  # model + dataset + SID index, as `dig eval`
     t_load = time.perf_counter() - t0
@@ -424,6 +424,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="trained mode: a checkpoint dir (RUN/checkpoints/step-N) or a `dig export` bundle, loaded as "
                         "`dig eval` loads it; catalog = its dataset's items, users = its retrieval targets")
     p.add_argument("--data", default=None, metavar="DIR", help="with --checkpoint: dataset root overriding data.path")
+    p.add_argument("overrides", nargs="*", help="with --checkpoint: evaluation config overrides, e.g. "
+                   "u2t.inference=catalog_mean (the catalog-mean u2t is built per user batch inside the timings)")
     p.add_argument("--split", default="test", choices=["test", "valid"],
                    help="with --checkpoint: whose retrieval targets are the users")
     p.add_argument("--user-sample", default="first", choices=["first", "seeded"],

@@ -38,3 +38,24 @@ def tiny_meta_schema(tiny_dataset: Path, tiny_data_config: DataConfig):
     from dig_torchrec.data.reader import open_dataset
 
     return open_dataset(tiny_dataset, tiny_data_config)
+
+
+def untrained_bundle(data: Path, checkpoint_dir: Path, *overrides: str):
+    """An :class:`InferenceBundle` of an untrained, seeded ``DIGModel`` on ``configs/tiny.yaml`` + ``overrides``
+    (tokenizer initialized on the catalog; the SID index saved under ``checkpoint_dir``)."""
+    import torch
+
+    from dig_torchrec.config import load_config
+    from dig_torchrec.data.items import ItemTable
+    from dig_torchrec.data.reader import open_dataset
+    from dig_torchrec.model import DIGModel
+    from dig_torchrec.retrieval.evaluate import bundle_from_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [f"data.path={data}", *overrides])
+    meta, schema = open_dataset(data, cfg.data)
+    torch.manual_seed(0)
+    model = DIGModel(cfg, meta)
+    model.eval()
+    items = ItemTable.load(data, schema, meta)
+    model.initialize_tokenizer(model.corpus_item_representations(items))
+    return bundle_from_model(model, cfg, checkpoint_dir)

@@ -12,15 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dig_torchrec.config import apply_overrides, load_config
-from dig_torchrec.data.items import ItemTable
+from dig_torchrec.config import apply_overrides
 from dig_torchrec.data.reader import load_targets
-from dig_torchrec.data.schema import FeatureSchema
 from dig_torchrec.retrieval.beam_search import beam_search, exhaustive_leaf_search
 from dig_torchrec.retrieval.evaluate import (
     FLAT_KEYS,
     UserBatchScorers,
-    bundle_from_model,
     evaluate,
     format_table,
     kjt_select_rows,
@@ -28,26 +25,16 @@ from dig_torchrec.retrieval.evaluate import (
     write_json,
 )
 
+from conftest import untrained_bundle
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_dataset, tmp_path_factory):
-    from dig_torchrec.data.reader import open_dataset
-    from dig_torchrec.model import DIGModel
-
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={tiny_dataset}", "data.history_length=5", "eval.user_batch_size=16", "eval.beam_size=8",
-        "eval.unified_top_n=20", "eval.topk=[10, 20]", "tokenizer.num_codes=8", "tokenizer.num_layers=3",
-    ])
-    meta, schema = open_dataset(tiny_dataset, cfg.data)
-    torch.manual_seed(0)
-    model = DIGModel(cfg, meta)
-    model.eval()
-    items = ItemTable.load(tiny_dataset, schema, meta)
-    model.initialize_tokenizer(model.corpus_item_representations(items))
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    return bundle_from_model(model, cfg, ckpt)
+    return untrained_bundle(tiny_dataset, tmp_path_factory.mktemp("ckpt"), "data.history_length=5",
+                            "eval.user_batch_size=16", "eval.beam_size=8", "eval.unified_top_n=20", "eval.topk=[10, 20]",
+                            "tokenizer.num_codes=8", "tokenizer.num_layers=3")
 
 
 def test_sid_index_saved_next_to_checkpoint(bundle):

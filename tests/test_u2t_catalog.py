@@ -4,21 +4,18 @@ brute-force mean over the items, and wired through beam search, evaluation and v
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dig_torchrec.config import apply_overrides, load_config
-from dig_torchrec.data.items import ItemTable
+from dig_torchrec.config import apply_overrides
 from dig_torchrec.data.reader import load_targets
 from dig_torchrec.data.u2i import U2IFunction
 from dig_torchrec.errors import ConfigError
 from dig_torchrec.retrieval.beam_search import beam_search, exhaustive_leaf_search, leaves_to_items
 from dig_torchrec.retrieval.evaluate import (
     UserBatchScorers,
-    bundle_from_model,
     kjt_select_rows,
     recall_scorer,
     retrieve_topn,
@@ -26,25 +23,15 @@ from dig_torchrec.retrieval.evaluate import (
 from dig_torchrec.retrieval.sid_index import SidIndex
 from dig_torchrec.retrieval.u2t_catalog import CatalogPrefixU2T, item_key_groups
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import untrained_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_dataset, tmp_path_factory):
-    from dig_torchrec.data.reader import open_dataset
-    from dig_torchrec.model import DIGModel
-
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.path={tiny_dataset}", "data.history_length=5", "eval.user_batch_size=16", "eval.beam_size=8",
-        "eval.topk=[10]", "tokenizer.num_codes=6", "tokenizer.num_layers=3", "u2t.inference=catalog_mean",
-    ])
-    meta, schema = open_dataset(tiny_dataset, cfg.data)
-    torch.manual_seed(0)
-    model = DIGModel(cfg, meta)
-    model.eval()
-    items = ItemTable.load(tiny_dataset, schema, meta)
-    model.initialize_tokenizer(model.corpus_item_representations(items))
-    return bundle_from_model(model, cfg, tmp_path_factory.mktemp("ckpt"))
+    # K=6, L=3: 216 leaves for 150 items, so depth-1/2 prefixes hold many items
+    return untrained_bundle(tiny_dataset, tmp_path_factory.mktemp("ckpt"), "data.history_length=5",
+                            "eval.user_batch_size=16", "eval.beam_size=8", "eval.topk=[10]", "tokenizer.num_codes=6",
+                            "tokenizer.num_layers=3", "u2t.inference=catalog_mean")
 
 
 @pytest.fixture(scope="module")
