@@ -165,7 +165,7 @@ def build_checkpoint_catalog(args: argparse.Namespace) -> Dict[str, Any]:
     from dig_torchrec.retrieval.evaluate import UserBatchScorers
     from dig_torchrec.retrieval.evaluate import kjt_select_rows, load_inference_bundle, select_users
 
-    overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
+    overrides = ([f"data.path={args.data}"] if args.data else []) + list(getattr(args, "overrides", None) or [])
     t0 = time.perf_counter()
     bundle = load_inference_bundle(args.checkpoint, overrides)  # model + dataset + SID index, as `dig eval`
     t_load = time.perf_counter() - t0
