@@ -91,7 +91,8 @@ class U2TConfig:
     teacher: str = "bucket_mean"
     train_mlp_prob: float = 0.0  # per row, feed MLP_u2t's (detached) estimate instead of the teacher in training
     # recall-path u2t at inference: mlp (Eq. 14-16) | stat_mean | none | catalog_mean (the user's exact mean u2i over
-    # the catalog items under each prefix, computed from the user's state: dig_torchrec/retrieval/u2t_catalog.py)
+    # the catalog items under each prefix, computed from the user's state: dig_torchrec/retrieval/u2t_catalog.py) |
+    # catalog_max (the same items, per u2i feature the largest value)
     inference: str = "mlp"
     grouping: str = "bucket"  # bucket | user_bucket (Eq. 13 grouping)
     hidden_dim: int = 64  # MLP_u2t hidden size (Eq. 14)
@@ -217,7 +218,7 @@ _CHOICES = {
     "data.negative_sampling": ("uniform", "popularity"),
     "tokenizer.collision_resolution": ("last_layer", "none"),
     "tokenizer.seal": ("auto", "balanced", "argmin", "none"),
-    "u2t.inference": ("mlp", "stat_mean", "none", "catalog_mean"),
+    "u2t.inference": ("mlp", "stat_mean", "none", "catalog_mean", "catalog_max"),
     "u2t.grouping": ("bucket", "user_bucket"),
     "loss.recall_supervision": ("all_layers", "last_layer"),
     "loss.recall_samples": ("retrieval", "exposure", "retrieval+exposure"),

@@ -498,8 +498,8 @@ class DIGModel(nn.Module):
             batch: the batch.
             pooled: the ``embedding_bags`` output for ``batch.sparse_features`` (computed if None).
             u2t_mode: outside training, the recall path's u2t input (``mlp`` | ``stat_mean`` | ``none`` |
-                ``catalog_mean``); default ``u2t.inference``. A batch of exposure rows stores each row's u2i but
-                not the user's state, so ``catalog_mean`` is scored here with the Eq. 13 bucket mean of the
+                ``catalog_mean`` | ``catalog_max``); default ``u2t.inference``. A batch of exposure rows stores
+                each row's u2i but not the user's state, so the catalog modes are scored here with the Eq. 13 bucket mean of the
                 batch's u2i rows: at depth L with collision-free SIDs that is the row's exact u2i, which is the
                 catalog mean of its one-item leaf; at shallower depths it is the batch's estimate of it.
         """
@@ -583,7 +583,7 @@ class DIGModel(nn.Module):
                 u2t_in = torch.where(use_mlp[None, :, None], u2t_hat.detach(), u2t_in)
         else:
             mode_in = u2t_mode or cfg.u2t.inference
-            if mode_in == "catalog_mean":  # the plain bucket mean (a leave-one-out teacher would drop the row)
+            if mode_in in ("catalog_mean", "catalog_max"):  # the plain bucket mean (a leave-one-out teacher would drop the row)
                 u2t_in = teacher if not leave_one_out else u2t_teacher(u2i_r, sids_r, weights_r, self.num_codes, user_ids)
             else:
                 u2t_in = self._inference_u2t(mode_in, u2t_hat, sids_r)
@@ -714,7 +714,8 @@ class DIGModel(nn.Module):
             return torch.stack([self.u2t_stats.lookup(l, sids[:, l]) for l in range(self.num_layers)], 0).to(u2t_hat)
         if mode == "none":
             return torch.zeros_like(u2t_hat)
-        raise ConfigError(f"config key 'u2t.inference' = {mode!r}; must be one of mlp, stat_mean, none, catalog_mean")
+        raise ConfigError(f"config key 'u2t.inference' = {mode!r}; must be one of mlp, stat_mean, none, catalog_mean, "
+                          "catalog_max")
 
     # ================================================================== inference API
     @torch.no_grad()
@@ -780,7 +781,8 @@ class DIGModel(nn.Module):
             ctx: user contexts.
             user_index: ``[N]`` row of ``ctx`` for each candidate.
             sid_prefix: ``[N, l]`` tokens s_1..s_l.
-            u2t_mode: ``mlp`` | ``stat_mean`` | ``none`` | ``catalog_mean``; default ``u2t.inference``.
+            u2t_mode: ``mlp`` | ``stat_mean`` | ``none`` | ``catalog_mean`` | ``catalog_max``; default
+                ``u2t.inference``.
             u2t: ``[N, d_c]`` the u2t input itself (``catalog_mean``: the caller computes it from the users'
                 states, :class:`~dig_torchrec.retrieval.u2t_catalog.CatalogPrefixU2T`).
         """
@@ -792,8 +794,8 @@ class DIGModel(nn.Module):
         e_sid = self._sid_prefix_embedding_at(sid_prefix)  # Eq. 5
         if u2t is not None:
             u2t = u2t.to(e_sid)
-        elif mode == "catalog_mean":
-            raise ConfigError("u2t.inference=catalog_mean: recall_logits needs the u2t rows (computed from the "
+        elif mode in ("catalog_mean", "catalog_max"):
+            raise ConfigError(f"u2t.inference={mode}: recall_logits needs the u2t rows (computed from the "
                               "users' states by dig_torchrec.retrieval.u2t_catalog)")
         elif mode == "mlp":
             u2t = self.u2t_mlp.forward_layer(depth - 1, c.user_embedding, e_sid)  # Eq. 14
@@ -802,7 +804,7 @@ class DIGModel(nn.Module):
         elif mode == "none":
             u2t = e_sid.new_zeros(e_sid.shape[0], self.u2i_dim)
         else:
-            raise ConfigError(f"u2t mode {mode!r}; must be one of mlp, stat_mean, none, catalog_mean")
+            raise ConfigError(f"u2t mode {mode!r}; must be one of mlp, stat_mean, none, catalog_mean, catalog_max")
         return self.mixer(c.user_normalized, self.bn_sid(e_sid), self.bn_u2t(u2t), c.history_keys, c.history_mask)
 
     @torch.no_grad()

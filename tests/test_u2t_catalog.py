@@ -39,18 +39,21 @@ def targets(bundle):
     return load_targets(bundle.data_root, "test", bundle.schema)
 
 
-def _brute_force(fn: U2IFunction, states, user: int, sids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+def _brute_force(fn: U2IFunction, states, user: int, sids: torch.Tensor, prefix: torch.Tensor, reduce: str
+                 ) -> torch.Tensor:
     under = (sids[:, : prefix.numel()] == prefix).all(1).nonzero().squeeze(1)
-    return fn(states, torch.full((under.numel(),), user), under).double().mean(0)
+    u2i = fn(states, torch.full((under.numel(),), user), under).double()
+    return u2i.mean(0) if reduce == "mean" else u2i.max(0).values
 
 
-def test_catalog_mean_equals_the_mean_u2i_over_the_items_under_each_prefix(bundle, targets):
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_catalog_u2t_equals_the_mean_or_max_u2i_over_the_items_under_each_prefix(bundle, targets, reduce):
     fn = bundle.u2i_fn()
     cat = CatalogPrefixU2T(bundle.index, fn)
     users = torch.arange(6)
     states = targets.states.select(users)
     assert any(len(states.select(torch.tensor([u])).keys) for u in range(6))  # some users have statistics
-    table = cat.for_users(states, users.numel())
+    table = cat.for_users(states, users.numel(), reduce)
     sids = bundle.index.item_sids
     checked = 0
     for depth in range(1, bundle.index.num_layers + 1):
@@ -58,7 +61,7 @@ def test_catalog_mean_equals_the_mean_u2i_over_the_items_under_each_prefix(bundl
         for u in range(users.numel()):
             got = table(torch.full((prefixes.shape[0],), u), prefixes)
             for p in range(prefixes.shape[0]):
-                want = _brute_force(fn, states, u, sids, prefixes[p])
+                want = _brute_force(fn, states, u, sids, prefixes[p], reduce)
                 torch.testing.assert_close(got[p].double(), want, rtol=1e-5, atol=1e-6)
                 checked += 1
     assert checked > 50
@@ -85,6 +88,8 @@ def test_at_a_one_item_leaf_the_catalog_mean_is_the_items_exact_u2i(bundle, targ
     user = torch.arange(4).repeat_interleave(V)
     item = torch.arange(V).repeat(4)
     torch.testing.assert_close(table(user, sids[item]), fn(states, user, item))
+    for_max = CatalogPrefixU2T(index, fn).for_users(states, 4, "max")
+    torch.testing.assert_close(for_max(user, sids[item]), fn(states, user, item))
 
 
 def test_key_groups_join_items_with_the_same_keys_and_ignore_key_order():
@@ -146,6 +151,7 @@ def test_wide_beam_with_catalog_mean_equals_exhaustive_leaf_search(bundle, targe
 
 def test_config_accepts_catalog_mean_and_names_the_key_on_a_typo(bundle):
     assert apply_overrides(bundle.cfg, ["u2t.inference=catalog_mean"]).u2t.inference == "catalog_mean"
+    assert apply_overrides(bundle.cfg, ["u2t.inference=catalog_max"]).u2t.inference == "catalog_max"
     with pytest.raises(ConfigError, match="u2t.inference"):
         apply_overrides(bundle.cfg, ["u2t.inference=catalog"])
 

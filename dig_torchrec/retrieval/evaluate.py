@@ -46,7 +46,7 @@ from dig_torchrec.retrieval.beam_search import (
     rank_all_items,
 )
 from dig_torchrec.retrieval.sid_index import SidIndex
-from dig_torchrec.retrieval.u2t_catalog import CatalogPrefixU2T, UserCatalogU2T
+from dig_torchrec.retrieval.u2t_catalog import CATALOG_MODES, CatalogPrefixU2T, UserCatalogU2T
 from dig_torchrec.training.checkpoint import check_dataset_fingerprint, read_config
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class InferenceBundle:
         return self._u2i_fn
 
     def catalog_u2t(self) -> CatalogPrefixU2T:
-        """The per-prefix item shares of ``u2t.inference=catalog_mean`` for this index (built once)."""
+        """The per-prefix item shares of ``u2t.inference=catalog_mean|catalog_max`` for this index (built once)."""
         if self._catalog_u2t is None:
             self._catalog_u2t = CatalogPrefixU2T(self.index, self.u2i_fn())
         return self._catalog_u2t
@@ -199,10 +199,10 @@ class UserBatchScorers:
         self.u2t_mode = u2t_mode
         self._u2i = bundle.u2i_fn()
         catalog = None
-        if u2t_mode == "catalog_mean":
+        if u2t_mode in CATALOG_MODES:
             n = self.ctx.num_users
             own = states if state_offset == 0 and len(states) == n else states.select(torch.arange(n) + state_offset)
-            catalog = bundle.catalog_u2t().for_users(own, n)
+            catalog = bundle.catalog_u2t().for_users(own, n, CATALOG_MODES[u2t_mode])
         self.recall = recall_scorer(self.model, self.ctx, u2t_mode, catalog)
 
     def rank(self, user_index: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
@@ -220,11 +220,12 @@ def recall_scorer(model: torch.nn.Module, ctx: Any, u2t_mode: str, catalog: Opti
         model: the ``DIGModel`` (eval mode).
         ctx: the batch's :class:`~dig_torchrec.model.UserContext`.
         u2t_mode: the recall path's u2t input (``u2t.inference``).
-        catalog: ``catalog_mean``: the batch's users' u2i per key group (:meth:`CatalogPrefixU2T.for_users`).
+        catalog: ``catalog_mean`` / ``catalog_max``: the batch's users' u2i per key group
+            (:meth:`CatalogPrefixU2T.for_users`).
         device: the model's device (rows are moved there, logits come back on the CPU); None: no moves.
     """
-    if u2t_mode == "catalog_mean" and catalog is None:
-        raise ValueError("u2t_mode=catalog_mean needs the batch's users' catalog u2i (CatalogPrefixU2T.for_users)")
+    if u2t_mode in CATALOG_MODES and catalog is None:
+        raise ValueError(f"u2t_mode={u2t_mode} needs the batch's users' catalog u2i (CatalogPrefixU2T.for_users)")
 
     def score(user_index: torch.Tensor, sid_prefix: torch.Tensor) -> torch.Tensor:
         u2t = catalog(user_index, sid_prefix) if catalog is not None else None

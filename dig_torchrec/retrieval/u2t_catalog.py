@@ -1,4 +1,5 @@
-"""``u2t.inference=catalog_mean``: the recall path's u2t input computed exactly at serving time.
+"""``u2t.inference=catalog_mean`` (and ``catalog_max``): the recall path's u2t input computed exactly at
+serving time.
 
 Eq. 13's training teacher for a row is the mean u2i of the batch rows under the row's SID prefix.
 Under a large SID space (K=256, L=4) a deep-layer bucket almost always holds that one row, so the
@@ -12,7 +13,8 @@ learned approximation: for prefix ``p = s_1..s_l``,
     u2t_cm(u, p) = mean over the catalog items v whose SID starts with p of u2i(u, v)
 
 with u2i the documented function of the user's state and the item's u2i keys
-(:mod:`dig_torchrec.data.u2i`). At depth L with collision-free SIDs it is the item's exact u2i,
+(:mod:`dig_torchrec.data.u2i`). ``catalog_max`` takes, per u2i feature, the largest value among
+those items instead: an optimistic bound meant to keep a prefix's score near its best leaf's. At depth L with collision-free SIDs it is the item's exact u2i,
 what the recall path saw in training; at shallower depths it is the user's own mean over
 the subtree (the training teacher's population counterpart).
 
@@ -32,6 +34,9 @@ import torch
 from dig_torchrec.data.u2i import U2IFunction, UserStates
 from dig_torchrec.modules.prefix_sampler import encode_prefix
 from dig_torchrec.retrieval.sid_index import SidIndex
+
+# u2t.inference values served from the catalog, and how each reduces the items under a prefix
+CATALOG_MODES = {"catalog_mean": "mean", "catalog_max": "max"}
 
 
 def item_key_groups(u2i_fn: U2IFunction) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -99,25 +104,35 @@ class CatalogPrefixU2T:
         """Nonzeros (prefix, key group) of each depth's share matrix."""
         return [int(c.numel()) for c in self.col]
 
-    def for_users(self, states: UserStates, num_users: int) -> "UserCatalogU2T":
-        """u2i of ``num_users`` users (``states[0..U-1]``) on every key group, ready to look up."""
+    def for_users(self, states: UserStates, num_users: int, reduce: str = "mean") -> "UserCatalogU2T":
+        """u2i of ``num_users`` users (``states[0..U-1]``) on every key group, ready to look up.
+
+        Args:
+            states: the users' states.
+            num_users: U.
+            reduce: ``mean`` (``catalog_mean``: item-weighted mean over the prefix's items) or ``max``
+                (``catalog_max``: per u2i feature, the largest value among the prefix's items).
+        """
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
         T = self.num_groups
         user = torch.arange(num_users).repeat_interleave(T)
         items = self.rep_items.repeat(num_users)
         table = self.u2i_fn(states, user, items).view(num_users, T, -1) if T else torch.zeros(num_users, 0, 1)
-        return UserCatalogU2T(self, table)
+        return UserCatalogU2T(self, table, reduce)
 
 
 class UserCatalogU2T:
-    """``u2t_cm`` lookups for one user batch (:meth:`CatalogPrefixU2T.for_users`)."""
+    """u2t lookups for one user batch (:meth:`CatalogPrefixU2T.for_users`)."""
 
-    def __init__(self, catalog: CatalogPrefixU2T, table: torch.Tensor) -> None:
+    def __init__(self, catalog: CatalogPrefixU2T, table: torch.Tensor, reduce: str = "mean") -> None:
         self.catalog = catalog
         self.table = table  # [U, T, d_c]
+        self.reduce = reduce
 
     def __call__(self, user_index: torch.Tensor, sid_prefix: torch.Tensor) -> torch.Tensor:
-        """``[N, d_c]`` mean u2i of row ``n``'s user over the items under ``sid_prefix[n]`` (``[N, l]``);
-        0 for a prefix that holds no item."""
+        """``[N, d_c]`` mean (or max) u2i of row ``n``'s user over the items under ``sid_prefix[n]``
+        (``[N, l]``); 0 for a prefix that holds no item."""
         cat = self.catalog
         depth = sid_prefix.shape[1]
         user_index = user_index.long().cpu()
@@ -136,5 +151,8 @@ class UserCatalogU2T:
         offs = torch.zeros(n + 1, dtype=torch.long)
         torch.cumsum(lens, 0, out=offs[1:])
         entry = start[query] + (torch.arange(int(offs[-1])) - offs[:-1][query])
-        contrib = self.table[user_index[query], cat.col[depth - 1][entry]] * cat.share[depth - 1][entry, None]
-        return out.index_add_(0, query, contrib)
+        values = self.table[user_index[query], cat.col[depth - 1][entry]]
+        if self.reduce == "max":
+            out.fill_(float("-inf")).scatter_reduce_(0, query[:, None].expand_as(values), values, "amax")
+            return out.masked_fill_(~found[:, None], 0.0)
+        return out.index_add_(0, query, values * cat.share[depth - 1][entry, None])

@@ -31,7 +31,7 @@ from dig_torchrec.retrieval.beam_search import beam_search, leaves_to_items
 from dig_torchrec.data.u2i import U2IFunction
 from dig_torchrec.retrieval.evaluate import kjt_select_rows, recall_scorer, select_users
 from dig_torchrec.retrieval.sid_index import SidIndex
-from dig_torchrec.retrieval.u2t_catalog import CatalogPrefixU2T
+from dig_torchrec.retrieval.u2t_catalog import CATALOG_MODES, CatalogPrefixU2T
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RetrievalValidator:
         self.items = ItemTable.load(root, schema, meta)
         self.targets = load_targets(root, "valid", schema, hash_ids=cfg.data.hash_ids)
         self.rows = select_users(len(self.targets), cfg.train.val_retrieval_users, seed=cfg.train.val_retrieval_seed)
-        self.u2i_fn = U2IFunction(meta, self.items.u2i_keys)  # u2t.inference=catalog_mean
+        self.u2i_fn = U2IFunction(meta, self.items.u2i_keys)  # u2t.inference=catalog_mean|catalog_max
         self.previous_sids: Optional[torch.Tensor] = None
         logger.info("retrieval validation: beam search (B=%d) for %d of %d valid users", cfg.eval.beam_size,
                     self.rows.numel(), len(self.targets))
@@ -70,12 +70,13 @@ class RetrievalValidator:
         sids = model.full_corpus_sids(self.items).cpu()
         index = SidIndex(sids, model.cfg.tokenizer.num_codes)
         mode = model.cfg.u2t.inference
-        catalog = CatalogPrefixU2T(index, self.u2i_fn) if mode == "catalog_mean" else None
+        catalog = CatalogPrefixU2T(index, self.u2i_fn) if mode in CATALOG_MODES else None
         ranked = []
         for start in range(0, self.rows.numel(), max(1, ev.user_batch_size)):
             idx = self.rows[start:start + ev.user_batch_size]
             ctx = model.user_context(kjt_select_rows(self.targets.user_kjt, idx).to(self.device))
-            users = catalog.for_users(self.targets.states.select(idx), idx.numel()) if catalog is not None else None
+            users = (catalog.for_users(self.targets.states.select(idx), idx.numel(), CATALOG_MODES[mode])
+                     if catalog is not None else None)
             score = recall_scorer(model, ctx, mode, users, device=self.device)
             beam = beam_search(score, idx.numel(), index, max(ev.beam_size, 10), max_rows=ev.score_chunk_rows)
             items, _ = leaves_to_items(beam, index, 10, max_rows=ev.score_chunk_rows)
