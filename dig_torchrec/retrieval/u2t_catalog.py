@@ -5,7 +5,7 @@ Eq. 13's training teacher for a row is the mean u2i of the batch rows under the 
 Under a large SID space (K=256, L=4) a deep-layer bucket almost always holds that one row, so the
 recall path learns from the row's *exact* u2i, the user-item cross statistics that carry most
 of the personal signal. At inference the paper replaces it with MLP_u2t's estimate from e_u and
-e_sid (Eq. 14-16), which on our data recovers none of it (``benchmarks/results/u2t_catalog_mean.md``).
+e_sid (Eq. 14-16), which on our data recovers none of it (``benchmarks/results/u2t_serving.md``).
 
 This module computes the quantity the teacher estimates, for the serving user, without any
 learned approximation: for prefix ``p = s_1..s_l``,
