@@ -172,3 +172,16 @@ def test_training_validation_scores_beam_search_with_the_catalog_mean(bundle):
         want[mode] = (M.recall_at_k(ranks, 10), M.ndcg_at_k(ranks, 10))
     assert (got["recall@10"], got["ndcg@10"]) == pytest.approx(want["catalog_mean"])
     assert want["catalog_mean"] != want["mlp"]  # the two inputs rank differently, so the match above is informative
+
+
+def test_catalog_max_reaches_the_recall_path_through_the_scorers(bundle, targets):
+    idx = torch.arange(8)
+    user_kjt, states = kjt_select_rows(targets.user_kjt, idx), targets.states.select(idx)
+    mean = UserBatchScorers(bundle, user_kjt, states, 0, "catalog_mean")
+    top = UserBatchScorers(bundle, user_kjt, states, 0, "catalog_max")
+    users = torch.arange(8).repeat_interleave(4)
+    prefix = bundle.index.valid_codes(1)[:4].repeat(8)[:, None]  # depth-1 prefixes hold many items
+    want = bundle.model.recall_logits(mean.ctx, users, prefix, u2t_mode="mlp",
+                                      u2t=bundle.catalog_u2t().for_users(states, 8, "max")(users, prefix))
+    assert torch.equal(top.recall(users, prefix), want)
+    assert not torch.allclose(top.recall(users, prefix), mean.recall(users, prefix))
