@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,11 +17,9 @@ def _table(root, split):
     return pads.dataset(str(root / split)).to_table()
 
 
-def test_tiny_preset_via_cli_is_fast_and_sized(tmp_path, capsys):
+def test_tiny_preset_via_cli_is_sized(tmp_path, capsys):
     out = tmp_path / "tiny"
-    t0 = time.perf_counter()
     assert dig_main(["data", "synth", "--preset", "tiny", "--out", str(out), "--seed", "3"]) == 0
-    assert time.perf_counter() - t0 < 15
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     total = sum(summary["rows"].values())
     assert 55_000 < total < 65_000
