@@ -8,10 +8,11 @@ target; a failure removes the temporary file and leaves the target untouched.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Type
+from typing import Any, Iterator, Type
 
 from dig_torchrec.errors import CheckpointError, ConfigError, DIGError
 
@@ -86,3 +87,21 @@ def check_out_dir(out: Path) -> None:
     if out.exists():
         raise CheckpointError(f"--out {out}: already exists; choose a new directory (a bundle is never overwritten)")
     check_writable_parent("--out", out)
+
+
+def read_json_file(path: str | Path, error: Type[DIGError], missing: str, invalid: str = "invalid JSON") -> Any:
+    """The JSON value in ``path``, or ``error`` naming the file when it is absent or unparsable.
+
+    Args:
+        path: the JSON file.
+        error: the calling layer's error type (``DataError``, ``CheckpointError``, ...).
+        missing: what the message says when ``path`` is not a file (e.g. "missing (not a ...)").
+        invalid: what it says, before the parser's message, when the text is not valid JSON.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: {missing}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{p}: {invalid}: {e}") from e

@@ -32,6 +32,7 @@ SPLITS = ("train", "valid", "test")
 
 
 from dig_torchrec.errors import DataError  # noqa: E402  (re-exported)
+from dig_torchrec.files import read_json_file  # noqa: E402
 
 
 @dataclass
@@ -51,12 +52,7 @@ class DatasetMeta:
     @classmethod
     def load(cls, root: str | Path) -> "DatasetMeta":
         p = Path(root) / "meta.json"
-        if not p.exists():
-            raise DataError(f"{p}: dataset metadata file not found (is '{root}' a dataset root made by `dig data`?)")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: invalid JSON: {e}") from e
+        d = read_json_file(p, DataError, f"dataset metadata file not found (is '{root}' a dataset root made by `dig data`?)")
         known = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("name", "num_users", "num_items", "user_features", "context_features",
                                "item_features", "u2i_dim", "history_length") if k not in d]

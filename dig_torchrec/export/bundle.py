@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from dig_torchrec.errors import CheckpointError
-from dig_torchrec.files import write_text_atomic
+from dig_torchrec.files import read_json_file, write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "sharding_plan.json"
@@ -83,12 +83,7 @@ def is_bundle(path: str | Path) -> bool:
 def read_manifest(path: str | Path) -> Dict[str, Any]:
     """The manifest of bundle ``path`` (raises :class:`CheckpointError` if absent or invalid)."""
     p = Path(path) / MANIFEST_FILE
-    if not p.is_file():
-        raise CheckpointError(f"{p}: missing (not a dig serving bundle)")
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON: {e}") from e
+    m = read_json_file(p, CheckpointError, "missing (not a dig serving bundle)")
     if m.get("format") != BUNDLE_FORMAT:
         raise CheckpointError(f"{p}: format is {m.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     if int(m.get("version", 0)) > BUNDLE_VERSION:

@@ -61,7 +61,7 @@ from dig_torchrec.config import DIGConfig, config_from_dict, flatten, save_confi
 from dig_torchrec.data.schema import DatasetMeta
 from dig_torchrec.distributed.env import collective_device
 from dig_torchrec.errors import CheckpointError, ConfigError, DIGError, NumericalError, interrupted
-from dig_torchrec.files import write_text_atomic
+from dig_torchrec.files import read_json_file, write_text_atomic
 from dig_torchrec.training.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -145,13 +145,8 @@ def is_complete(path: str | Path) -> bool:
 
 
 def read_train_state(path: str | Path) -> Dict[str, Any]:
-    p = Path(path) / TRAIN_STATE_FILE
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{p}: missing (not a dig checkpoint directory?)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: invalid JSON, the checkpoint is damaged ({e})") from e
+    return read_json_file(Path(path) / TRAIN_STATE_FILE, CheckpointError, "missing (not a dig checkpoint directory?)",
+                          "invalid JSON, the checkpoint is damaged")
 
 
 def saved_time(path: str | Path) -> float:
