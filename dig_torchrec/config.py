@@ -132,6 +132,9 @@ class LossConfig:
     logq_correction: bool = True  # softmax: subtract log Q(prefix) of the negative sampler (popularity sampling)
     prefix_negatives: int = 0  # extra softmax term: per click and layer l, items sharing c_<l but not c_l
     prefix_negatives_weight: float = 1.0  # weight of that term inside L_recall
+    # softmax only: at depth l < L, cross-entropy of the click group's prefix softmax against the softmax of the
+    # largest stop-gradient leaf logit under each prefix (max-heap distillation for beam search); 0 = off
+    descendant_distill_weight: float = 0.0
 
 
 @dataclass
@@ -267,6 +270,7 @@ _NON_NEGATIVE = (
     "tokenizer.gumbel_scale",
     "loss.prefix_negatives",
     "loss.prefix_negatives_weight",
+    "loss.descendant_distill_weight",
     "loss.exposure_recall_weight",
     "train.tokenizer_init_after_samples",
     "train.tokenizer_init_after_epochs",
@@ -379,6 +383,11 @@ def validate(cfg: DIGConfig) -> None:
         raise ConfigError(
             "config key 'loss.recall_samples' = 'exposure' has no click groups; loss.recall_objective=softmax and "
             "loss.prefix_negatives need loss.recall_samples=retrieval"
+        )
+    if cfg.loss.descendant_distill_weight > 0 and cfg.loss.recall_objective != "softmax":
+        raise ConfigError(
+            f"config key 'loss.descendant_distill_weight' = {cfg.loss.descendant_distill_weight} needs the click "
+            f"groups of loss.recall_objective=softmax (got {cfg.loss.recall_objective!r})"
         )
     if cfg.train.select_metric == "recall@10" and cfg.train.val_retrieval_users <= 0:
         raise ConfigError(

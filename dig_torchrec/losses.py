@@ -26,6 +26,11 @@ and teachers) into the five terms of Eq. 8:
   c_<l and differ at c_l (the decision beam search takes at depth l). The term scores every
   candidate, the positive included, with the inference-side u2t (MLP_u2t's estimate) and
   eval-mode BN, so it cannot tell candidates apart by where their u2t came from.
+
+  An optional descendant distillation (``loss.descendant_distill_weight``, softmax only): at
+  depth l < L the softmax over a click group's prefixes is pulled toward the softmax of their
+  sampled descendants' (stop-gradient) leaf logits, so prefix scores rank like the best leaf
+  under them (:func:`descendant_distillation`).
 * ``L_commit`` (Eq. 11), ``L_sem`` (Eq. 12): from :class:`~dig_torchrec.modules.quantizer.QuantizerOutput`.
 * ``L_u2t`` (Eq. 15): MSE of MLP_u2t's estimate against the (stop-gradient) Eq. 13 teacher.
 
@@ -161,6 +166,44 @@ def sampled_softmax(
     return (ce * w).sum(-1) / w.sum(-1).clamp_min(1.0)
 
 
+def descendant_distillation(
+    logits: torch.Tensor, valid: torch.Tensor, same_prefix: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-layer distillation of each depth's prefix softmax toward its descendants' leaf scores.
+
+    Beam search keeps a depth-l prefix only if its depth-l score ranks it in the beam, so the
+    depth-l scores should order prefixes like their best descendants' leaf scores (the max-heap
+    property of TDM/JTM). For each click group the sampled rows are the descendants the batch
+    has: at depth l < L a prefix's target score is the largest stop-gradient depth-L logit among
+    the group's rows under it (the positive's prefix takes the max over the positive and the
+    negatives that share it up to l; a negative's prefix, its own leaf). The term is the
+    cross-entropy of the depth-l softmax over the group's distinct prefixes against the softmax
+    of those targets; depth L gets 0.
+
+    Args:
+        logits: ``[L, S, G]`` recall logits of S click groups, positive first.
+        valid: ``[L, S, G]`` False for negatives that share the positive's prefix at that depth
+            (they are the positive's prefix, not a candidate of their own).
+        same_prefix: ``[L, S, G-1]`` True where negative j's prefix c_1..c_l equals the positive's.
+        weights: ``[S]`` click weights (0 = padding).
+
+    Returns:
+        ``[L]``: the weighted mean over clicks of the cross-entropy, 0 at depth L.
+    """
+    L = logits.shape[0]
+    leaf = logits[-1].detach()  # [S, G]
+    under_pos = leaf[None, :, 1:].masked_fill(~same_prefix, float("-inf")).amax(-1)  # [L, S]
+    target = leaf[None].expand(L, -1, -1).clone()
+    target[..., 0] = torch.maximum(leaf[None, :, 0], under_pos)
+    neg_inf = float("-inf")
+    t = torch.softmax(target.masked_fill(~valid, neg_inf), -1)
+    log_p = torch.log_softmax(logits.masked_fill(~valid, neg_inf), -1)
+    ce = -(t * log_p.masked_fill(~valid, 0.0)).sum(-1)  # [L, S]
+    ce = ce * (torch.arange(L, device=logits.device) < L - 1).to(ce.dtype)[:, None]
+    w = weights.to(ce.dtype)[None].expand_as(ce)
+    return (ce * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
 def u2t_distillation(u2t_hat: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Eq. 15: mean over layers of the row-weighted MSE ``||u2t_hat - sg[teacher]||^2 / d_c``."""
     real = (weights > 0).to(u2t_hat.dtype)
@@ -284,15 +327,19 @@ class DIGLoss(nn.Module):
         groups = logits.view(L, S, G)
         gsids = sids.view(S, G, L)
         # a negative whose prefix c_1..c_l equals the positive's IS the positive's candidate at depth l
-        same = (gsids[:, 1:, :] == gsids[:, :1, :]).long().cumprod(-1)  # [S, G-1, L] prefix equal up to l
+        same = (gsids[:, 1:, :] == gsids[:, :1, :]).long().cumprod(-1).permute(2, 0, 1).bool()  # [L, S, G-1]
         valid = torch.ones(L, S, G, dtype=torch.bool, device=sids.device)
-        valid[:, :, 1:] = ~(same.permute(2, 0, 1).bool())
+        valid[:, :, 1:] = ~same
         log_q = None
         if self.needs_prefix_index and prefix_index is not None:
             flat = sids.view(n, L)
             log_q = torch.stack([prefix_index.prefix_mass(flat, l).clamp_min(1e-12).log() for l in range(1, L + 1)])
             log_q = log_q.view(L, S, G)
-        return sampled_softmax(groups, weights.view(S, G)[:, 0], log_q, valid)
+        click_w = weights.view(S, G)[:, 0]
+        per_layer = sampled_softmax(groups, click_w, log_q, valid)
+        if self.cfg.descendant_distill_weight > 0:
+            per_layer = per_layer + self.cfg.descendant_distill_weight * descendant_distillation(groups, valid, same, click_w)
+        return per_layer
 
     def combine(self, terms: Dict[str, torch.Tensor], gate: float) -> torch.Tensor:
         """Eq. 8 from the unweighted terms; ``gate`` is 0 during the rank-path warm-up, else 1."""

@@ -9,7 +9,7 @@ import torch
 
 from dig_torchrec.config import load_config
 from dig_torchrec.errors import ConfigError
-from dig_torchrec.losses import DIGLoss, sampled_softmax, u2t_distillation
+from dig_torchrec.losses import DIGLoss, descendant_distillation, sampled_softmax, u2t_distillation
 from dig_torchrec.model import DIGModel
 from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex
 from dig_torchrec.modules.u2t import u2t_teacher
@@ -168,6 +168,45 @@ def test_train_mlp_prob_one_feeds_the_mlp_estimate():
     assert not torch.allclose(parts.computed.u2t_in, parts.computed.loss_inputs.u2t_teacher)
 
 
+def _hand_soft_ce(student, teacher, keep):
+    """Cross-entropy of softmax(student) against softmax(teacher) over the kept columns, by hand."""
+    zs = sum(math.exp(student[i]) for i in keep)
+    zt = sum(math.exp(teacher[i]) for i in keep)
+    return -sum(math.exp(teacher[i]) / zt * (student[i] - math.log(zs)) for i in keep)
+
+
+def test_descendant_distillation_equals_hand_computation():
+    """Depth-l softmax over the group's prefixes vs the softmax of the best leaf logit under each prefix."""
+    cfg = tiny_config(loss={"recall_objective": "softmax"}).loss
+    plain = DIGLoss(cfg, num_items=16, group_size=3)
+    cfg2 = tiny_config(loss={"recall_objective": "softmax", "descendant_distill_weight": 0.5}).loss
+    distil = DIGLoss(cfg2, num_items=16, group_size=3)
+    # L=3, one click group: positive (1,2,3); negative 1 shares (1,2) with it; negative 2 shares nothing
+    sids = torch.tensor([[1, 2, 3], [1, 2, 0], [0, 1, 1]])
+    logits = torch.tensor([[0.2, 9.0, -0.4], [1.0, 9.0, 0.3], [-1.0, 2.5, 0.7]])  # [L, N]
+    lab, w = torch.tensor([1.0, 0.0, 0.0]), torch.ones(3)
+    got = distil.recall_per_layer(logits, lab, w, sids, grouped=True) - plain.recall_per_layer(logits, lab, w, sids,
+                                                                                              grouped=True)
+    # leaf logits (depth 3): -1.0, 2.5, 0.7. Depth 1 and 2: negative 1 is the positive's prefix, so that prefix's target is max(-1.0, 2.5) = 2.5
+    d1 = _hand_soft_ce([0.2, 9.0, -0.4], [2.5, 2.5, 0.7], keep=[0, 2])
+    d2 = _hand_soft_ce([1.0, 9.0, 0.3], [2.5, 2.5, 0.7], keep=[0, 2])
+    torch.testing.assert_close(got, 0.5 * torch.tensor([d1, d2, 0.0]))
+    # the teacher is stop-gradient: no gradient reaches the leaf logits through the term
+    x = logits.clone().requires_grad_(True)
+    (distil.recall_per_layer(x, lab, w, sids, True) - plain.recall_per_layer(x, lab, w, sids, True)).sum().backward()
+    assert x.grad[2].abs().max().item() == 0.0 and x.grad[:2].abs().max().item() > 0.0
+
+
+def test_descendant_distillation_is_zero_when_prefix_scores_already_rank_like_their_leaves():
+    """Minimum at student = teacher: with the depth-l logits equal to the leaf targets the gradient vanishes."""
+    leaf = torch.tensor([[0.5, -0.3, 1.2, 0.0]])
+    logits = torch.stack([leaf.clone(), leaf.clone(), leaf.clone()]).requires_grad_(True)  # [L=3, S=1, G=4]
+    valid = torch.ones(3, 1, 4, dtype=torch.bool)
+    same = torch.zeros(3, 1, 3, dtype=torch.bool)
+    descendant_distillation(logits, valid, same, torch.ones(1)).sum().backward()
+    assert logits.grad.abs().max().item() < 1e-6
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["loss.recall_objective=listwise"], "loss.recall_objective"),
     (["loss.recall_samples=exposure", "loss.recall_objective=softmax"], "loss.recall_samples"),
@@ -176,6 +215,8 @@ def test_train_mlp_prob_one_feeds_the_mlp_estimate():
     (["tokenizer.assignment=soft"], "tokenizer.assignment"),
     (["tokenizer.dead_code_rule=x"], "tokenizer.dead_code_rule"),
     (["loss.prefix_negatives=-1"], "loss.prefix_negatives"),
+    (["loss.descendant_distill_weight=0.5", "loss.recall_objective=bce"], "loss.descendant_distill_weight"),
+    (["loss.descendant_distill_weight=-1"], "loss.descendant_distill_weight"),
 ])
 def test_bad_recall_options_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
