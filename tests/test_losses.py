@@ -197,6 +197,26 @@ def test_descendant_distillation_equals_hand_computation():
     assert x.grad[2].abs().max().item() == 0.0 and x.grad[:2].abs().max().item() > 0.0
 
 
+def test_descendant_distillation_reaches_the_models_recall_loss():
+    """In the model, L_recall per layer = the click-group softmax + w x the distillation of the same logits."""
+    cfg = tiny_config(loss={"recall_objective": "softmax", "descendant_distill_weight": 0.7})
+    meta = tiny_meta()
+    model = initialized_model(cfg, meta)
+    G = 1 + cfg.data.negatives_per_positive
+    batch = make_batch(meta, B=16, R=4 * G, seed=5)
+    parts = model.forward_parts(batch)
+    logits = parts.output.recall_logits.detach()  # [L, 4G]
+    L = logits.shape[0]
+    sids = parts.computed.sids[16:].view(4, G, L)
+    same = (sids[:, 1:, :] == sids[:, :1, :]).long().cumprod(-1).permute(2, 0, 1).bool()
+    valid = torch.cat([torch.ones(L, 4, 1, dtype=torch.bool), ~same], -1)
+    groups = logits.view(L, 4, G)
+    w = batch.retrieval_weights.view(4, G)[:, 0]
+    want = sampled_softmax(groups, w, None, valid) + 0.7 * descendant_distillation(groups, valid, same, w)
+    torch.testing.assert_close(parts.terms.recall_per_layer.detach(), want, rtol=1e-5, atol=1e-5)
+    assert descendant_distillation(groups, valid, same, w)[:-1].min().item() > 0.0
+
+
 def test_descendant_distillation_is_zero_when_prefix_scores_already_rank_like_their_leaves():
     """Minimum at student = teacher: with the depth-l logits equal to the leaf targets the gradient vanishes."""
     leaf = torch.tensor([[0.5, -0.3, 1.2, 0.0]])
