@@ -115,6 +115,9 @@ class ModelConfig:
     # DIN keys (both paths): each history item's item_id embedding, plus (true) the sum of its SID tokens'
     # embeddings from table hist_sid (L*K rows, width d), so history items sharing a SID prefix share that part
     history_sid: bool = False
+    # DIN keys (both paths) add a learned vector per history position (hist_j = the j-th most recent click),
+    # so the target attention can weigh recent clicks over old ones; zero-initialised
+    history_position: bool = False
 
 
 @dataclass

@@ -55,6 +55,7 @@ from dig_torchrec.data.schema import ITEM_ID, USER_ID, DatasetMeta, FeatureSchem
 from dig_torchrec.errors import ConfigError, DataError
 from dig_torchrec.losses import LOSS_KEYS, DIGLoss, LossInputs, LossTerms
 from dig_torchrec.modules.batchnorm import StepBatchNorm1d
+from dig_torchrec.modules.din import HistoryPositionEmbedding
 from dig_torchrec.modules.mixer import Mixer
 from dig_torchrec.modules.prefix_sampler import CatalogPrefixIndex, encode_prefix
 from dig_torchrec.modules.quantizer import QuantizerOutput
@@ -308,6 +309,11 @@ class DIGModel(nn.Module):
                 feature_names=[history_sid_key(j) for j in range(len(self.history_keys))],
                 pooling=PoolingType.SUM, **init,
             )], device=device)
+        # model.history_position: a learned recency vector per history slot, added to the DIN keys (both paths)
+        self.history_position: Optional[HistoryPositionEmbedding] = (
+            HistoryPositionEmbedding(len(self.history_keys), d, device=device)
+            if cfg.model.history_position and self.history_keys else None
+        )
         self._all_keys: List[str] = self.schema.keys
 
         # --- tokenizer (Eq. 1-4) ---
@@ -355,12 +361,15 @@ class DIGModel(nn.Module):
         return self.embedding_bags(kjt).to_dict()
 
     def _history(self, kjt: KeyedJaggedTensor, pooled: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """DIN keys ``[rows, H, d]``: the history items' item_id embeddings (+ their SID part, ``model.history_sid``)."""
+        """DIN keys ``[rows, H, d]``: the history items' item_id embeddings (+ their SID part, ``model.history_sid``,
+        + a recency vector per slot, ``model.history_position``)."""
         if not self.history_keys:
             return pooled[self.user_keys[0]].new_zeros(kjt.stride(), 0, self.embedding_dim)
         hist = torch.stack([pooled[k] for k in self.history_keys], 1)
         if self.history_sid:
             hist = hist + self._history_sid_embeddings(kjt)
+        if self.history_position is not None:
+            hist = self.history_position(hist)
         return hist
 
     def _history_sid_embeddings(self, kjt: KeyedJaggedTensor) -> torch.Tensor:

@@ -66,3 +66,31 @@ class TargetAttention(nn.Module):
         scores = scores.masked_fill(~mask, -1e9)
         weights = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)
         return (weights.unsqueeze(-1) * keys).sum(-2)
+
+
+class HistoryPositionEmbedding(nn.Module):
+    """A learned vector per history position (``model.history_position``), added to the DIN keys.
+
+    ``hist_j`` is the user's j-th most recent click, so position j is recency: with it in the key,
+    the target attention can weigh the last clicks more than older ones (DIN's keys are otherwise
+    order-free; SASRec/BST-style models get the order from position embeddings). Zero at
+    initialisation, so the model starts as the order-free one and learns recency from the loss.
+
+    Args:
+        history_length: H (``data.history_length``).
+        dim: d.
+        device: parameter device ("meta" allowed; DMP calls :meth:`reset_parameters`).
+    """
+
+    def __init__(self, history_length: int, dim: int, device: Optional[torch.device | str] = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(history_length, dim, device=device))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys [N, H, d]`` + the position vectors (broadcast over rows)."""
+        return keys + self.weight
