@@ -111,5 +111,8 @@ def test_resume_from_other_model_config_names_the_key(tiny_dataset: Path, tmp_pa
 
     with pytest.raises(CheckpointError, match=r"'model\.embedding_dim' is 16 in the checkpoint but 8 now"):
         Trainer(_cfg(tiny_dataset, tmp_path / "r", "model.embedding_dim=8", "tokenizer.encoder_heads=2"), resume="auto")
+    # an option that adds a tensor must match too: dropping it on resume would discard the trained vectors silently
+    with pytest.raises(CheckpointError, match=r"'model\.history_position' is False in the checkpoint but True now"):
+        Trainer(_cfg(tiny_dataset, tmp_path / "r", "model.history_position=true"), resume="auto")
     with pytest.raises(CheckpointError, match=r"does not exist"):
         Trainer(_cfg(tiny_dataset, tmp_path / "r"), resume=str(tmp_path / "missing"))

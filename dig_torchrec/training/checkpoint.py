@@ -90,6 +90,11 @@ MODEL_KEYS: Tuple[str, ...] = (
     "tokenizer.encoder_heads",
     "tokenizer.include_item_id",
     "u2t.hidden_dim",
+    # options that add tensors (hist_sid, sid_prefix, history_position): without them here a checkpoint that has the
+    # tensors would load into a model without the option and drop them silently
+    "model.history_sid",
+    "model.history_position",
+    "tokenizer.sid_embedding",
 )
 # Keys that fix the optimizer state layout (checked only when resuming training).
 OPTIMIZER_KEYS: Tuple[str, ...] = ("train.sparse_optimizer",)
