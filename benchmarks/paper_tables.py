@@ -63,7 +63,9 @@ class Variant:
     note: str = ""
     eval_flags: Sequence[str] = ()  # extra `dig eval` flags
     optional: bool = False  # only run when named in --only (not one of the paper's tables)
-    checkpoint: str = "latest"  # latest | best: which checkpoint of the run `dig eval` reads (best = checkpoints/best)
+    # which checkpoint of the run `dig eval` reads: auto = the run's checkpoints/best (its pick by
+    # train.select_metric on the valid split, what `make demo` serves) when it has one, else the latest
+    checkpoint: str = "auto"
 
 
 LEVERS: List[tuple] = [
@@ -104,14 +106,18 @@ LEVERS: List[tuple] = [
     ("lever: Fixed SID, 4 epochs, best by valid R@10, SID-token history keys",
      ["tokenizer.frozen=true", "train.epochs=4", "train.select_metric=recall@10", "train.val_retrieval_users=1024",
       "model.history_sid=true"]),
+    # on the history-position recipe (configs/ml100k.yaml, 2026-12-06): the option it added, and two round-4 levers
+    ("lever: no history positions", ["model.history_position=false"]),
+    ("lever: descendant distillation", ["loss.descendant_distill_weight=1.0"]),
+    ("lever: exposure rows, weight 0.2", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=0.2"]),
 ]
-# levers evaluated on their run's checkpoints/best (train.select_metric) instead of the last checkpoint
-BEST_CHECKPOINT_LEVERS = {name for name, train in LEVERS if "train.select_metric=recall@10" in train}
 
 VARIANTS: List[Variant] = [
     Variant("DIG"),
     Variant("Fixed SID", train=("tokenizer.frozen=true",), note="Ablation 1"),
-    Variant("Base", train=("loss.recall_loss_weight=0",), note="Table 3 rank-only"),
+    # rank-only: its checkpoints/best is picked by valid rank AUC (recall@10 has nothing to select on)
+    Variant("Base", train=("loss.recall_loss_weight=0", "train.select_metric=rank_auc", "train.val_retrieval_users=0"),
+            note="Table 3 rank-only"),
     Variant("w/o training-side u2i", train=("u2t.train_side=false",), note="Table 6"),
     Variant("stat-mean u2t", evaluate=("u2t.inference=stat_mean",), reuse="DIG", note="Ablation 3"),
     Variant("w/o inference MLP_u2t", evaluate=("u2t.inference=none",), reuse="DIG", note="Table 6"),
@@ -128,8 +134,7 @@ VARIANTS: List[Variant] = [
     Variant("DIG, exclude history", reuse="DIG", eval_flags=("--exclude-history",), note="protocol"),
     # the retrieval-quality levers (dig_torchrec/losses.py, README "Recall objective ..."): each row sets
     # one lever against the configured default, so the rows stay meaningful whatever the default is
-    *[Variant(name, train=tuple(train), note="lever", optional=True,
-              checkpoint="best" if name in BEST_CHECKPOINT_LEVERS else "latest") for name, train in LEVERS],
+    *[Variant(name, train=tuple(train), note="lever", optional=True) for name, train in LEVERS],
 ]
 
 
@@ -168,6 +173,15 @@ def best_checkpoint(run_dir: Path) -> Path:
     return Path(best["path"])
 
 
+def pick_checkpoint(run_dir: Path, how: str) -> Path:
+    """``how`` = latest | best | auto (best when the run has a complete ``checkpoints/best``, else latest)."""
+    if how == "latest":
+        return latest_checkpoint(run_dir)
+    if how == "best" or demo_best_checkpoint(run_dir) is not None:
+        return best_checkpoint(run_dir)
+    return latest_checkpoint(run_dir)
+
+
 def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: Path) -> Dict[str, object]:
     py = sys.executable
     out_json = work / f"seed{seed}" / f"{slug(variant.name)}.json"
@@ -181,7 +195,7 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
         overrides = [f"run_dir={run_dir}", f"train.seed={seed}", f"data.seed={seed}", *args.overrides, *src.train]
         fresh = ["--fresh"] if any((run_dir / "checkpoints").glob("step-*/COMPLETE")) else []  # --force retrains
         run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *fresh, *overrides], run_dir / "train.log")
-    ckpt = best_checkpoint(run_dir) if src.checkpoint == "best" else latest_checkpoint(run_dir)
+    ckpt = pick_checkpoint(run_dir, src.checkpoint)
     cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
            "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]
     if variant.name != "DIG":  # the item-space upper bound is reported once, for DIG

@@ -71,3 +71,24 @@ def test_select_metric_recall_needs_retrieval_validation() -> None:
         load_config(None, ["train.select_metric=recall@10"])
     with pytest.raises(ConfigError, match="train.select_metric"):
         load_config(None, ["train.select_metric=loss"])
+
+
+def test_paper_tables_evaluates_the_checkpoint_the_run_serves(tmp_path: Path) -> None:
+    """benchmarks/paper_tables.py reads checkpoints/best when the run has one (what `make demo` serves), else the latest."""
+    from benchmarks import paper_tables as PT
+
+    mgr = CheckpointManager(tmp_path, keep_latest_k=8)
+    for step in (2, 4, 6):
+        d = mgr.dir / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "COMPLETE").write_text("x")
+        (d / ".metadata").write_text("x")
+    assert PT.pick_checkpoint(tmp_path, "auto").name == "step-6"  # no best yet: the latest
+    with pytest.raises(RuntimeError, match="checkpoints/best"):
+        PT.pick_checkpoint(tmp_path, "best")
+    mgr.mark_best(mgr.dir / "step-4", "recall@10", 0.09, 4)
+    assert Path(PT.pick_checkpoint(tmp_path, "auto")).name == "step-4"
+    assert PT.pick_checkpoint(tmp_path, "latest").name == "step-6"
+    assert all(v.checkpoint == "auto" for v in PT.VARIANTS)
+    base = next(v for v in PT.VARIANTS if v.name == "Base")  # rank-only: selected by rank AUC, not recall@10
+    assert "train.select_metric=rank_auc" in base.train and "loss.recall_loss_weight=0" in base.train
