@@ -173,6 +173,11 @@ def best_checkpoint(run_dir: Path) -> Path:
     return Path(best["path"])
 
 
+def training_finished(run_dir: Path) -> bool:
+    """The run trained to its last step: the trainer writes ``final_metrics.json`` only then."""
+    return (run_dir / "final_metrics.json").is_file()
+
+
 def pick_checkpoint(run_dir: Path, how: str) -> Path:
     """``how`` = latest | best | auto (best when the run has a complete ``checkpoints/best``, else latest)."""
     if how == "latest":
@@ -191,10 +196,12 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
     base = variant.reuse or variant.name
     src = next(v for v in VARIANTS if v.name == base)
     run_dir = work / f"seed{seed}" / slug(base)
-    if not any((run_dir / "checkpoints").glob("step-*/COMPLETE")) or (args.force and variant.reuse is None):
+    if not training_finished(run_dir) or (args.force and variant.reuse is None):
         overrides = [f"run_dir={run_dir}", f"train.seed={seed}", f"data.seed={seed}", *args.overrides, *src.train]
-        fresh = ["--fresh"] if any((run_dir / "checkpoints").glob("step-*/COMPLETE")) else []  # --force retrains
-        run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *fresh, *overrides], run_dir / "train.log")
+        # --force retrains from step 0; otherwise an interrupted run (killed mid-training: complete checkpoints but
+        # no final_metrics.json) continues from its newest checkpoint instead of being evaluated half-trained
+        start = ["--fresh"] if args.force and variant.reuse is None else ["--resume", "auto"]
+        run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *start, *overrides], run_dir / "train.log")
     ckpt = pick_checkpoint(run_dir, src.checkpoint)
     cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
            "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]

@@ -92,3 +92,42 @@ def test_paper_tables_evaluates_the_checkpoint_the_run_serves(tmp_path: Path) ->
     assert all(v.checkpoint == "auto" for v in PT.VARIANTS)
     base = next(v for v in PT.VARIANTS if v.name == "Base")  # rank-only: selected by rank AUC, not recall@10
     assert "train.select_metric=rank_auc" in base.train and "loss.recall_loss_weight=0" in base.train
+
+
+def test_paper_tables_resumes_an_interrupted_training_instead_of_evaluating_it(tmp_path: Path, monkeypatch) -> None:
+    """A run killed mid-training has complete checkpoints but no final_metrics.json: it is resumed, then evaluated."""
+    import argparse
+
+    from benchmarks import paper_tables as PT
+
+    run_dir = tmp_path / "seed0" / "dig"
+    mgr = CheckpointManager(run_dir, keep_latest_k=8)
+    (mgr.dir / "step-200").mkdir(parents=True)
+    for f in ("COMPLETE", ".metadata"):
+        (mgr.dir / "step-200" / f).write_text("x")
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        if "train" in cmd:  # the resumed training finishes
+            (mgr.dir / "step-740").mkdir()
+            for f in ("COMPLETE", ".metadata"):
+                (mgr.dir / "step-740" / f).write_text("x")
+            (run_dir / "final_metrics.json").write_text("{}")
+        else:
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"recall@10": 0.1}))
+
+    monkeypatch.setattr(PT, "run", fake_run)
+    args = argparse.Namespace(force=False, overrides=[], config="configs/ml100k.yaml", split="test", eval_overrides=[],
+                              max_users=0, exclude_history=False)
+    dig = next(v for v in PT.VARIANTS if v.name == "DIG")
+    res = PT.train_and_eval(args, dig, 0, tmp_path)
+    train_cmd, eval_cmd = calls
+    assert train_cmd[train_cmd.index("--resume") + 1] == "auto" and "--fresh" not in train_cmd
+    assert eval_cmd[eval_cmd.index("--checkpoint") + 1].endswith("step-740") and res["checkpoint"] == "auto: step-740"
+    calls.clear()
+    PT.train_and_eval(args, dig, 0, tmp_path)  # cached: neither trained nor evaluated again
+    assert calls == []
+    (tmp_path / "seed0" / "dig.json").unlink()
+    PT.train_and_eval(args, dig, 0, tmp_path)  # finished run, no evaluation: evaluate only
+    assert len(calls) == 1 and "eval" in calls[0]
