@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dig_torchrec.demo import best_checkpoint as demo_best_checkpoint  # noqa: E402
+from dig_torchrec.files import write_text_atomic  # noqa: E402
 from dig_torchrec.retrieval.metrics import mean_std  # noqa: E402
 
 logger = logging.getLogger("paper_tables")
@@ -203,7 +204,10 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
         start = ["--fresh"] if args.force and variant.reuse is None else ["--resume", "auto"]
         run([py, "-m", "dig_torchrec.cli", "train", "--config", args.config, *start, *overrides], run_dir / "train.log")
     ckpt = pick_checkpoint(run_dir, src.checkpoint)
-    cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(out_json), "--no-progress",
+    # dig eval writes a partial file; the cached JSON appears, annotated, in one atomic rename (a run killed here
+    # leaves no truncated or unannotated cache entry)
+    partial = out_json.with_suffix(".eval.json")
+    cmd = [py, "-m", "dig_torchrec.cli", "eval", "--checkpoint", str(ckpt), "--out", str(partial), "--no-progress",
            "--split", args.split, *variant.eval_flags, *args.eval_overrides, *variant.evaluate]
     if variant.name != "DIG":  # the item-space upper bound is reported once, for DIG
         cmd.append("--no-full-ranking")
@@ -212,11 +216,12 @@ def train_and_eval(args: argparse.Namespace, variant: Variant, seed: int, work: 
     if args.exclude_history:
         cmd.append("--exclude-history")
     run(cmd, out_json.with_suffix(".log"))
-    res = json.loads(out_json.read_text())
+    res = json.loads(partial.read_text())
     res["train_overrides"] = list(src.train)
     res["checkpoint"] = f"{src.checkpoint}: {ckpt.name}"
     res["eval_overrides"] = list(variant.evaluate)
-    out_json.write_text(json.dumps(res, indent=2))
+    write_text_atomic(out_json, json.dumps(res, indent=2))
+    partial.unlink()
     return res
 
 

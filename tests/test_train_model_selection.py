@@ -125,6 +125,9 @@ def test_paper_tables_resumes_an_interrupted_training_instead_of_evaluating_it(t
     train_cmd, eval_cmd = calls
     assert train_cmd[train_cmd.index("--resume") + 1] == "auto" and "--fresh" not in train_cmd
     assert eval_cmd[eval_cmd.index("--checkpoint") + 1].endswith("step-740") and res["checkpoint"] == "auto: step-740"
+    cached = json.loads((tmp_path / "seed0" / "dig.json").read_text())  # annotated, and the partial file is gone
+    assert cached["recall@10"] == 0.1 and cached["checkpoint"] == "auto: step-740"
+    assert not list((tmp_path / "seed0").glob("*.eval.json"))
     calls.clear()
     PT.train_and_eval(args, dig, 0, tmp_path)  # cached: neither trained nor evaluated again
     assert calls == []
