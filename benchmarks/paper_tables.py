@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from dig_torchrec.demo import best_checkpoint as demo_best_checkpoint  # noqa: E402
 from dig_torchrec.files import write_text_atomic  # noqa: E402
 from dig_torchrec.retrieval.metrics import mean_std  # noqa: E402
+from dig_torchrec.training.trainer import FINAL_METRICS_FILE  # noqa: E402
 
 logger = logging.getLogger("paper_tables")
 
@@ -166,25 +167,23 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return max(ckpts)[1]
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """The run's ``checkpoints/best`` (its pick by ``train.select_metric``), as ``make demo`` finds it."""
-    best = demo_best_checkpoint(run_dir)
-    if best is None:
-        raise RuntimeError(f"no complete checkpoints/best under {run_dir} (train.select_metric picks it at validation)")
-    return Path(best["path"])
-
-
 def training_finished(run_dir: Path) -> bool:
-    """The run trained to its last step: the trainer writes ``final_metrics.json`` only then."""
-    return (run_dir / "final_metrics.json").is_file()
+    """The run trained to its last step: the trainer writes its final-metrics file only then."""
+    return (run_dir / FINAL_METRICS_FILE).is_file()
 
 
 def pick_checkpoint(run_dir: Path, how: str) -> Path:
-    """``how`` = latest | best | auto (best when the run has a complete ``checkpoints/best``, else latest)."""
-    if how == "latest":
-        return latest_checkpoint(run_dir)
-    if how == "best" or demo_best_checkpoint(run_dir) is not None:
-        return best_checkpoint(run_dir)
+    """``how`` = latest | best | auto (best when the run has a complete ``checkpoints/best``, else latest).
+
+    best is the run's pick by ``train.select_metric``, found as ``make demo`` finds it.
+    """
+    if how != "latest":
+        best = demo_best_checkpoint(run_dir)
+        if best is not None:
+            return Path(best["path"])
+        if how == "best":
+            raise RuntimeError(
+                f"no complete checkpoints/best under {run_dir} (train.select_metric picks it at validation)")
     return latest_checkpoint(run_dir)
 
 
