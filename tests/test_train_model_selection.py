@@ -18,6 +18,15 @@ def _cfg(data: Path, run_dir: Path, *extra: str):
     return single_process_cfg(data, run_dir, "train.deterministic=false", "train.keep_latest_k=1", *extra)
 
 
+def _fake_checkpoint(mgr: CheckpointManager, step: int) -> Path:
+    """A directory the manager counts as a complete checkpoint (its COMPLETE marker and DCP metadata)."""
+    d = mgr.dir / f"step-{step}"
+    d.mkdir(parents=True)
+    for f in ("COMPLETE", ".metadata"):
+        (d / f).write_text("x")
+    return d
+
+
 def test_best_checkpoint_is_the_argmax_of_the_logged_validation_metric(tiny_dataset: Path, tmp_path: Path) -> None:
     from dig_torchrec.retrieval.validation import RetrievalValidator
     from dig_torchrec.training.trainer import Trainer
@@ -53,10 +62,7 @@ def test_best_checkpoint_is_the_argmax_of_the_logged_validation_metric(tiny_data
 def test_mark_best_moves_the_link_and_pruning_spares_its_target(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_latest_k=2)
     for step in (1, 2, 3, 4):
-        d = mgr.dir / f"step-{step}"
-        d.mkdir(parents=True)
-        (d / "COMPLETE").write_text("x")
-        (d / ".metadata").write_text("x")
+        d = _fake_checkpoint(mgr, step)
         if step == 1:
             mgr.mark_best(d, "rank_auc", 0.7, step)
     mgr._prune()
@@ -79,10 +85,7 @@ def test_paper_tables_evaluates_the_checkpoint_the_run_serves(tmp_path: Path) ->
 
     mgr = CheckpointManager(tmp_path, keep_latest_k=8)
     for step in (2, 4, 6):
-        d = mgr.dir / f"step-{step}"
-        d.mkdir(parents=True)
-        (d / "COMPLETE").write_text("x")
-        (d / ".metadata").write_text("x")
+        _fake_checkpoint(mgr, step)
     assert PT.pick_checkpoint(tmp_path, "auto").name == "step-6"  # no best yet: the latest
     with pytest.raises(RuntimeError, match="checkpoints/best"):
         PT.pick_checkpoint(tmp_path, "best")
@@ -102,17 +105,13 @@ def test_paper_tables_resumes_an_interrupted_training_instead_of_evaluating_it(t
 
     run_dir = tmp_path / "seed0" / "dig"
     mgr = CheckpointManager(run_dir, keep_latest_k=8)
-    (mgr.dir / "step-200").mkdir(parents=True)
-    for f in ("COMPLETE", ".metadata"):
-        (mgr.dir / "step-200" / f).write_text("x")
+    _fake_checkpoint(mgr, 200)
     calls = []
 
     def fake_run(cmd, log):
         calls.append(cmd)
         if "train" in cmd:  # the resumed training finishes
-            (mgr.dir / "step-740").mkdir()
-            for f in ("COMPLETE", ".metadata"):
-                (mgr.dir / "step-740" / f).write_text("x")
+            _fake_checkpoint(mgr, 740)
             (run_dir / "final_metrics.json").write_text("{}")
         else:
             Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"recall@10": 0.1}))
