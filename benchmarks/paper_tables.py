@@ -112,6 +112,8 @@ LEVERS: List[tuple] = [
     ("lever: no history positions", ["model.history_position=false"]),
     ("lever: descendant distillation", ["loss.descendant_distill_weight=1.0"]),
     ("lever: exposure rows, weight 0.2", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=0.2"]),
+    # the exposure rows at full weight (Eq. 10 weighs every row alike): does the recall AUC gap close to |gap| <= 0.05?
+    ("lever: exposure rows, weight 1.0", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=1.0"]),
 ]
 
 VARIANTS: List[Variant] = [
