@@ -114,6 +114,8 @@ LEVERS: List[tuple] = [
     ("lever: exposure rows, weight 0.2", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=0.2"]),
     # the exposure rows at full weight (Eq. 10 weighs every row alike): does the recall AUC gap close to |gap| <= 0.05?
     ("lever: exposure rows, weight 1.0", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=1.0"]),
+    # between the two: where on the R@10 / gap trade-off does weight 0.5 land?
+    ("lever: exposure rows, weight 0.5", ["loss.recall_samples=retrieval+exposure", "loss.exposure_recall_weight=0.5"]),
 ]
 
 VARIANTS: List[Variant] = [
