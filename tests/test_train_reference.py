@@ -163,7 +163,7 @@ _EXPECTED_AVX512: Dict[str, Tuple[List[Dict[str, str]], str]] = {'default': ([{'
                                 'u2t': '0.48572349548339844'}],
                               '47c86f109ff3c26da0ab197a17826da51f4e4afb318d346a3cd497b0d9a72551')}
 
-# the same pre-redesign tree and harness recorded on an AVX2 host (AMD EPYC, 2026-12-06)
+# the same pre-redesign tree, recorded with this harness at commit 86c8db1 on an AVX2 host (AMD EPYC, 2026-12-06)
 _EXPECTED_AVX2: Dict[str, Tuple[List[Dict[str, str]], str]] = {'default': ([{'commit': '2.9998388290405273',
                'rank': '0.6800724864006042',
                'recall': '0.6833799481391907',
