@@ -81,7 +81,7 @@ from dig_torchrec.retrieval.beam_search import (  # noqa: E402
     leaves_to_items,
     rank_all_items,
 )
-from dig_torchrec.retrieval.metrics import overlap_at_k, recall_at_k, target_ranks  # noqa: E402
+from dig_torchrec.retrieval.metrics import overlap_per_user_at_k, recall_at_k, target_ranks  # noqa: E402
 from dig_torchrec.retrieval.sid_index import SidIndex  # noqa: E402
 
 logger = logging.getLogger("beam_search_bench")
@@ -311,7 +311,12 @@ def bench_catalog(cat: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
             beam_items = torch.cat([r["items"] for r in rs])
             # fidelity on the users both methods served (the exhaustive users are the first beam users)
             m = min(n_exh, beam_items.shape[0])
-            rec["fidelity_top10"] = overlap_at_k(beam_items[:m], exh_items[:m], TOPN)
+            per_user = overlap_per_user_at_k(beam_items[:m], exh_items[:m], TOPN)
+            rec["fidelity_top10"] = float(per_user.mean()) if m else float("nan")
+            # the sampling error of that mean over users (a second run of the same users gives the same value;
+            # a new user sample moves it by about this much)
+            rec["fidelity_top10_se"] = float(per_user.std() / m ** 0.5) if m > 1 else float("nan")
+            rec["fidelity_top10_per_user"] = per_user.tolist()
             rec["fidelity_users"] = m
             rec["speedup_limit"] = num_items / rec["scored_pairs_per_user"]
         if "target_items" in cat:  # checkpoint mode: real held-out clicks, so Recall@10 against them
@@ -492,6 +497,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary: Dict[str, Any] = {
         f"speedup_vs_full_ranking_{tag}": at(big, "beam_b64", "speedup_vs_full_ranking"),
         f"fidelity_top10_b64_{tag}": at(big, "beam_b64", "fidelity_top10"),
+        f"fidelity_top10_b64_{tag}_se": at(big, "beam_b64", "fidelity_top10_se"),
         f"speedup_limit_{tag}": at(big, "beam_b64", "speedup_limit"),
         "goals": {
             "speedup_vs_full_ranking>=10 (B=64, largest catalog)": at(big, "beam_b64", "speedup_vs_full_ranking") >= 10,
@@ -502,7 +508,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "table": [
             {"num_items": c["num_items"], "method": k, "users_per_s": m["users_per_s"],
              "speedup_vs_full_ranking": m["speedup_vs_full_ranking"], "fidelity_top10": m.get("fidelity_top10"),
-             "scored_pairs_per_user": m["scored_pairs_per_user"], "speedup_limit": m.get("speedup_limit"),
+             "fidelity_top10_se": m.get("fidelity_top10_se"), "scored_pairs_per_user": m["scored_pairs_per_user"], "speedup_limit": m.get("speedup_limit"),
              "recall@10": m.get("recall@10")}
             for c in details for k, m in c["methods"].items()
         ],

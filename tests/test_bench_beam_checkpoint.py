@@ -85,6 +85,14 @@ def test_checkpoint_mode_uses_the_real_catalog_and_requests(trained_checkpoint: 
     assert all(0.0 <= r <= 1.0 and abs(r * m[k]["users"] - round(r * m[k]["users"])) < 1e-9  # a share of users
                for k, r in res["recall_at_10"].items())
     assert m["beam_b16"]["fidelity_users"] == 6  # the requested fidelity set, not the row budget's 2+
+    # per-user overlaps behind the mean, and the mean's standard error over those users
+    for b in (16, 64, V):
+        per_user = m[f"beam_b{b}"]["fidelity_top10_per_user"]
+        assert len(per_user) == 6 and all(x * 10 == round(x * 10) for x in per_user)
+        assert sum(per_user) / 6 == pytest.approx(m[f"beam_b{b}"]["fidelity_top10"])
+        assert m[f"beam_b{b}"]["fidelity_top10_se"] == pytest.approx(torch.tensor(per_user).std().item() / 6 ** 0.5)
+    assert m[f"beam_b{V}"]["fidelity_top10_se"] == 0.0
+    assert res[f"fidelity_top10_b64_{tag}_se"] == m["beam_b64"]["fidelity_top10_se"]
     # the ancestor-rank diagnostic: every exhaustive top-10 leaf's ancestor at each depth < L, all
     # inside the top B when B covers every prefix
     anc = detail["ancestor_ranks"]

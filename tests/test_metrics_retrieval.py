@@ -15,6 +15,7 @@ from dig_torchrec.retrieval.metrics import (
     mean_std,
     ndcg_at_k,
     overlap_at_k,
+    overlap_per_user_at_k,
     popularity_ranking,
     recall_at_k,
     retrieval_metrics,
@@ -82,6 +83,8 @@ def test_overlap_at_k():
     b = torch.tensor([[3, 9, 1], [6, -1, 7]])
     assert overlap_at_k(a, b, 3) == pytest.approx((2 / 3 + 0) / 2)
     assert overlap_at_k(a, a, 2) == pytest.approx(1.0)
+    assert overlap_per_user_at_k(a, b, 3).tolist() == pytest.approx([2 / 3, 0.0])
+    assert overlap_at_k(a[:0], b[:0], 3) != overlap_at_k(a[:0], b[:0], 3)  # NaN for no users
 
 
 def test_popularity_ranking_ties_and_exclusion():

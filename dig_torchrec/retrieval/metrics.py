@@ -112,20 +112,26 @@ def exact_auc(scores: torch.Tensor, labels: torch.Tensor, weights: Optional[torc
     return float((pos_g * (neg_below + 0.5 * neg_g)).sum() / (P * N))
 
 
-def overlap_at_k(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    """Mean ``|top-k(a) ∩ top-k(b)| / k`` over users (beam fidelity against the exhaustive
-    reference). Empty slots (-1) never match.
+def overlap_per_user_at_k(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """``|top-k(a) ∩ top-k(b)| / k`` for each user, as a float64 ``[U]`` tensor. Empty slots
+    (-1) never match.
 
     Args:
         a: ``[U, >=k]`` ranked ids.
         b: ``[U, >=k]`` ranked ids.
         k: cutoff.
     """
-    if a.shape[0] == 0:
-        return float("nan")
     x, y = a[:, :k], b[:, :k]
     match = (x.unsqueeze(2) == y.unsqueeze(1)) & (x.unsqueeze(2) >= 0)
-    return float(match.any(dim=2).double().sum(dim=1).div(k).mean())
+    return match.any(dim=2).double().sum(dim=1).div(k)
+
+
+def overlap_at_k(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Mean of :func:`overlap_per_user_at_k` over users (beam fidelity against the exhaustive
+    reference); NaN for no users."""
+    if a.shape[0] == 0:
+        return float("nan")
+    return float(overlap_per_user_at_k(a, b, k).mean())
 
 
 def popularity_ranking(popularity: torch.Tensor, num_users: int, topn: int, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
