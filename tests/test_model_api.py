@@ -11,16 +11,12 @@ from dig_torchrec.data.items import ItemTable
 from dig_torchrec.data.schema import FeatureSchema
 from dig_torchrec.model import DIGModel, DIGOutput
 from dig_torchrec.modules.balanced_kmeans import collision_rate
-from test_model_helpers import all_item_e_v, item_features, make_batch, tiny_config, tiny_meta
+from test_model_helpers import all_item_e_v, initialized_model, item_features, make_batch, tiny_config, tiny_meta
 
 
 def _trained_model(**sections) -> DIGModel:
-    torch.manual_seed(0)
     meta = tiny_meta()
-    model = DIGModel(tiny_config(**sections), meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
+    model = initialized_model(tiny_config(**sections), meta)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(3):
         opt.zero_grad()

@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 
 from dig_torchrec.model import DIGModel
-from test_model_helpers import all_item_e_v, make_batch, tiny_config, tiny_meta
+from test_model_helpers import initialized_model, make_batch, tiny_config, tiny_meta
 
 
 def _model(**sections) -> DIGModel:
-    torch.manual_seed(0)
-    meta = tiny_meta()
-    model = DIGModel(tiny_config(**sections), meta)
-    model.eval()
-    model.initialize_tokenizer(all_item_e_v(model, meta))
-    model.train()
-    return model
+    return initialized_model(tiny_config(**sections))
 
 
 def _grads(loss, params):
