@@ -508,8 +508,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "table": [
             {"num_items": c["num_items"], "method": k, "users_per_s": m["users_per_s"],
              "speedup_vs_full_ranking": m["speedup_vs_full_ranking"], "fidelity_top10": m.get("fidelity_top10"),
-             "fidelity_top10_se": m.get("fidelity_top10_se"), "scored_pairs_per_user": m["scored_pairs_per_user"], "speedup_limit": m.get("speedup_limit"),
-             "recall@10": m.get("recall@10")}
+             "fidelity_top10_se": m.get("fidelity_top10_se"), "scored_pairs_per_user": m["scored_pairs_per_user"],
+             "speedup_limit": m.get("speedup_limit"), "recall@10": m.get("recall@10")}
             for c in details for k, m in c["methods"].items()
         ],
         "details": details,
